@@ -193,7 +193,7 @@ def build_config(
     if 'identity_secret' not in settings:
         settings['identity_secret'] = load_secret(directory)
     if 'allowed_origins' not in settings:
-        settings['allowed_origins'] = _own_origins(
+        settings['allowed_origins'] = own_origins(
             settings.get('web_host', Config.web_host),
             settings.get('web_port', Config.web_port),
         )
@@ -203,7 +203,10 @@ def build_config(
     return config
 
 
-def _own_origins(host: str, port: int) -> tuple[str, ...]:
+def own_origins(host: str, port: int) -> tuple[str, ...]:
+    """Return the origins of a web app on `host` and `port`."""
+    if port == 0:
+        return ()
     hosts = [host]
     if host in ('127.0.0.1', '0.0.0.0', '::', 'localhost'):  # noqa: S104
         hosts = ['127.0.0.1', 'localhost']
@@ -223,23 +226,28 @@ def validate(config: Config) -> None:
         config.origin_policy  # noqa: B018 (validates)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if config.websocket_url is not None and not config.websocket_url.startswith(
-        ('ws://', 'wss://')
-    ):
+    url = config.websocket_url
+    if url is not None and not url.startswith(('ws://', 'wss://')):
         raise ConfigError('websocket_url must start with ws:// or wss://')
     if config.ping_timeout > config.ping_interval * 10:
         raise ConfigError('ping_timeout is far longer than ping_interval')
 
 
-def load_config(path: str | None = None, data_dir: str | None = None) -> Config:
+def load_config(
+    path: str | None = None,
+    data_dir: str | None = None,
+    **overrides: Any,
+) -> Config:
     """Read the YAML file at `path`, or use the embedded defaults.
+
+    `overrides` (command line options) take precedence over the file.
 
     Raises:
         ConfigError: if the file cannot be read or holds wrong values.
 
     """
     if path is None:
-        return build_config({}, data_dir)
+        return build_config(overrides, data_dir)
     try:
         with open(path, encoding='utf-8') as handle:
             values = yaml.safe_load(handle)
@@ -259,4 +267,5 @@ def load_config(path: str | None = None, data_dir: str | None = None) -> Config:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f'configuration file {path} must hold a mapping')
+    values.update(overrides)
     return build_config(values, data_dir)

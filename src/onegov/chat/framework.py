@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import morepath
 import transaction
-from more.transaction import TransactionApp
 from more.transaction.main import transaction_tween_factory
 from morepath.reify import reify
 
@@ -34,8 +33,14 @@ from onegov.chat.session import (
     store_from_url,
 )
 
-if TYPE_CHECKING:
+if not TYPE_CHECKING:
+    from more.transaction import TransactionApp
+else:
     from sqlalchemy.orm import Session, scoped_session
+
+    # more.transaction has no type information; to the type checker its
+    # app is a plain Morepath app, which is all it adds to the API.
+    TransactionApp = morepath.App
 
 #: An application id: ``namespace/name``, lower case.
 APPLICATION_ID = re.compile(r'([a-z0-9_]+)/([a-z0-9_][a-z0-9_-]*)')
@@ -235,7 +240,7 @@ class _SessionDataManager:
         self.session = session
         self.transaction_manager = transaction.manager
 
-    def sortKey(self) -> str:  # noqa: N802 (the transaction API)
+    def sortKey(self) -> str:  # the name is the transaction API's
         return '~~onegov.chat.session'
 
     def abort(self, txn: Any) -> None:

@@ -15,7 +15,9 @@ too (see `onegov.chat.views`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
+from importlib import resources
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -178,7 +180,7 @@ def view_chat_token(
 
     """
     app: Any = request.app
-    token = request.websocket_token()  # type: ignore[attr-defined]
+    token = request.websocket_token()
     query = {'token': token}
     schema = getattr(app, 'schema', None)
     if schema:
@@ -210,3 +212,45 @@ def chat_csp_tween_factory(
         return handler(request)
 
     return chat_csp_tween
+
+
+#: The names of the files the chat ships for the browser.
+STATIC_NAME = re.compile(r'[a-z0-9][a-z0-9_-]*\.(js|css)')
+
+_MEDIA_TYPES = {
+    'js': 'text/javascript; charset=utf-8',
+    'css': 'text/css; charset=utf-8',
+}
+
+
+class StaticFile:
+    """A file the chat ships for the browser (its client, its styles)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def read(self) -> bytes | None:
+        if not STATIC_NAME.fullmatch(self.name):
+            return None
+        path = resources.files('onegov.chat') / 'static' / self.name
+        return path.read_bytes() if path.is_file() else None
+
+
+@ChatApp.path(model=StaticFile, path='/chat/static/{name}')
+def get_static_file(name: str) -> StaticFile | None:
+    return StaticFile(name) if STATIC_NAME.fullmatch(name) else None
+
+
+@ChatApp.view(model=StaticFile, request_method='GET')
+def view_static_file(
+    self: StaticFile, request: morepath.Request
+) -> morepath.Response:
+    body = self.read()
+    if body is None:
+        return morepath.Response(status=404)
+    return morepath.Response(
+        body=body,
+        content_type=_MEDIA_TYPES[self.name.rsplit('.', 1)[1]].split(';')[0],
+        charset='utf-8',
+        cache_control='no-cache',
+    )

@@ -350,7 +350,9 @@ class OriginPolicy:
         compiled = []
         for pattern in patterns:
             if not isinstance(pattern, str) or not pattern:
-                raise ValueError('an origin pattern must be a non-empty string')
+                raise ValueError(
+                    'an origin pattern must be a non-empty string'
+                )
             try:
                 compiled.append(re.compile(pattern))
             except re.error as exc:

@@ -129,7 +129,7 @@ class SessionStore(ABC):
     def ping(self) -> None:
         """Raise `SessionStoreError` unless the store answers."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional to override)
         """Release connections."""
 
 
@@ -372,7 +372,10 @@ class RedisStore(SessionStore):
             data = self.client.hgetall(self._key(namespace, session_id))
         except self._errors as exc:
             raise SessionStoreError('session store failed') from exc
-        return {k.decode(): _decode(v) for k, v in data.items()}
+        return {
+            k.decode() if isinstance(k, bytes) else k: _decode(v)
+            for k, v in data.items()
+        }
 
     def write(
         self,

@@ -1,0 +1,225 @@
+"""``onegov-chat serve``: the websocket server in front of the chat.
+
+The server admits a connection only after `HandshakeChecker` said yes,
+and only once the websockets library has found the request to be a
+valid websocket handshake: the checks run in ``process_response``, after
+the library's own validation, so a request it refuses anyway (no
+``Upgrade`` header, a wrong version or method) never consumes a token.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.frames import Frame
+from websockets.http11 import Request, Response
+
+from onegov.chat.config import Config
+from onegov.chat.handshake import HandshakeChecker, HandshakeRefused, Principal
+from onegov.chat.session import SessionStore, store_from_url
+
+logger = logging.getLogger('onegov.chat.server')
+
+#: The version of the JSON protocol spoken after the handshake.
+PROTOCOL_VERSION = 1
+
+_SECRET_HEADERS = frozenset({'cookie', 'set-cookie', 'authorization'})
+
+
+def _redact_path(path: str) -> str:
+    base, sep, _ = path.partition('?')
+    return f'{base}?[redacted]' if sep else base
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, Frame):
+        return f'{value.opcode.name} [{len(value.data)} bytes]'
+    if isinstance(value, str) and '?' in value:
+        return _redact_path(value)
+    return value
+
+
+class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
+    """The websockets library's logger, without secrets.
+
+    At DEBUG the library logs the request line (with the query string,
+    and so the token), every header (with the cookie) and every frame
+    (with chat text). This adapter keeps the lines and drops those
+    values.
+
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kw: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        if (
+            len(args) == 2
+            and isinstance(args[0], str)
+            and args[0].lower() in _SECRET_HEADERS
+        ):
+            args = (args[0], '[redacted]')
+        else:
+            args = tuple(_redact(arg) for arg in args)
+        self.logger.log(level, msg, *args, **kw)
+
+
+def peer_of(connection: ServerConnection) -> str:
+    """Return ``host:port`` of the remote end, for the log."""
+    try:
+        address = connection.remote_address
+    except Exception:
+        return '-'
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f'{address[0]}:{address[1]}'
+    return '-'
+
+
+Handler = Callable[[ServerConnection, Principal], Awaitable[None]]
+
+
+class ChatServer:
+    """The websocket server: handshake checks, then the chat."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: SessionStore | None = None,
+        handler: Handler | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or store_from_url(
+            config.session_store, config.session_ttl
+        )
+        self.checker = HandshakeChecker(
+            config.identity_secret, self.store, config.origin_policy
+        )
+        self.handler = handler or self.hello
+        self.server: Server | None = None
+
+    async def process_response(
+        self,
+        connection: ServerConnection,
+        request: Request,
+        response: Response,
+    ) -> Response | None:
+        """Admit or refuse a handshake the library found valid."""
+        if response.status_code != 101:
+            return None
+
+        headers: Headers = request.headers
+        try:
+            principal = await asyncio.to_thread(
+                self.checker.admit,
+                request.path,
+                headers.get_all('Origin'),
+                headers.get_all('Cookie'),
+            )
+        except HandshakeRefused as refusal:
+            logger.info(
+                'event=handshake_refused reason=%s status=%d peer=%s',
+                refusal.reason, refusal.status, peer_of(connection),
+            )
+            return connection.respond(refusal.status, f'{refusal.text}\n')
+
+        connection.principal = principal  # type: ignore[attr-defined]
+        logger.info(
+            'event=handshake_admitted tenant=%s role=%s peer=%s',
+            principal.application_id, principal.role, peer_of(connection),
+        )
+        return None
+
+    async def serve_connection(self, connection: ServerConnection) -> None:
+        principal: Principal = connection.principal  # type: ignore[attr-defined]
+        try:
+            await self.handler(connection, principal)
+        except Exception:
+            # A bug of ours: log it and close politely, but never let the
+            # library answer with 1011 for input a client sent.
+            logger.error(
+                'event=handler_failed peer=%s', peer_of(connection),
+                exc_info=True,
+            )
+            await connection.close(1011, 'internal error')
+
+    async def hello(
+        self, connection: ServerConnection, principal: Principal
+    ) -> None:
+        """The minimal authenticated session: say who we think you are."""
+        await connection.send(json.dumps({
+            'type': 'hello',
+            'protocol': PROTOCOL_VERSION,
+            'role': principal.role,
+            'tenant': principal.schema,
+        }))
+        async for _ in connection:
+            pass
+
+    async def start(self, host: str, port: int) -> Server:
+        config = self.config
+        self.server = await serve(
+            self.serve_connection,
+            host,
+            port,
+            process_response=self.process_response,
+            max_size=config.max_size,
+            open_timeout=config.open_timeout,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            close_timeout=5,
+            compression='deflate' if config.compression else None,
+            logger=RedactingLogger(logging.getLogger('websockets.server')),
+            server_header=None,
+        )
+        return self.server
+
+    def bound_port(self) -> int:
+        if self.server is None:
+            raise RuntimeError('the server is not running')
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self.server is not None:
+            # Closing the server closes every connection with 1001.
+            self.server.close()
+            await self.server.wait_closed()
+        self.store.close()
+
+
+async def wait_for_signal() -> str:
+    """Wait for SIGTERM or SIGINT; return the signal's name."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[int] = loop.create_future()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _set, stop, signum)
+    try:
+        return signal.Signals(await stop).name
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _set(future: asyncio.Future[int], value: int) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+async def run(config: Config, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then close every client with 1001."""
+    server = ChatServer(config)
+    await server.start(host, port)
+    logger.info(
+        'event=server_ready host=%s port=%d', host, server.bound_port()
+    )
+    name = await wait_for_signal()
+    logger.info('event=server_stopping signal=%s', name)
+    await server.close()
+    logger.info('event=server_stopped')

@@ -1,0 +1,246 @@
+"""Fixtures: real Redis, real server processes, host apps under WebTest."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from webtest import TestApp
+
+from onegov.chat.framework import Framework
+from onegov.chat.integration import ChatApp
+
+SECRET = 'test-secret-' + 'x' * 40
+ORIGIN = 'http://town.test'
+TENANT = 'town/govikon'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+def require(program: str) -> str:
+    """Return the path of `program`; fail in CI, skip elsewhere."""
+    path = shutil.which(program)
+    if path is None:
+        message = f'{program} is not installed'
+        if os.environ.get('CI'):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope='session')
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port; yields its URL."""
+    executable = require('redis-server')
+    port = free_port()
+    directory = tmp_path_factory.mktemp('redis')
+    process = subprocess.Popen(
+        [executable, '--port', str(port), '--bind', '127.0.0.1',
+         '--save', '', '--appendonly', 'no', '--dir', str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f'redis://127.0.0.1:{port}/0'
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(('127.0.0.1', port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f'nothing listens on port {port}')
+
+
+@pytest.fixture(params=['sqlite', 'redis'])
+def store_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> str:
+    """The session store URL: a SQLite file, then a real Redis."""
+    if request.param == 'sqlite':
+        return f'sqlite:///{tmp_path}/sessions.db'
+    url: str = request.getfixturevalue('redis_server')
+    return url
+
+
+@pytest.fixture
+def settings(store_url: str, tmp_path: Path) -> dict[str, Any]:
+    """The configuration shared by the test app and the server."""
+    return {
+        'identity_secret': SECRET,
+        'session_store': store_url,
+        'dsn': f'sqlite:///{tmp_path}/chat.db',
+        'allowed_origins': [ORIGIN],
+        'token_ttl': 60,
+        'websocket_host': '127.0.0.1',
+        'websocket_port': 8765,
+        'application_id': TENANT,
+        'data_dir': str(tmp_path / 'data'),
+    }
+
+
+def onegov_chat() -> str:
+    """The installed ``onegov-chat`` console script."""
+    script = Path(sys.executable).parent / 'onegov-chat'
+    if script.exists():
+        return str(script)
+    found = shutil.which('onegov-chat')
+    if found is None:
+        raise RuntimeError('onegov-chat is not installed')
+    return found
+
+
+@dataclass
+class ServerProcess:
+    """A running ``onegov-chat serve`` subprocess."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f'ws://127.0.0.1:{self.port}'
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding='utf-8', errors='replace')
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """Wait until a log line matches `pattern`; return the line."""
+        deadline = time.monotonic() + timeout
+        expression = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if expression.search(line):
+                    return line
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(
+            f'no log line matches {pattern!r}:\n{self.log()}'
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+@pytest.fixture
+def config_file(settings: dict[str, Any], tmp_path: Path) -> Path:
+    path = tmp_path / 'onegov-chat.yml'
+    path.write_text(yaml.safe_dump(settings), encoding='utf-8')
+    return path
+
+
+@pytest.fixture
+def start_server(
+    config_file: Path, tmp_path: Path
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``onegov-chat serve`` processes; stops them after the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, log_level: str = 'INFO') -> ServerProcess:
+        log_path = tmp_path / f'server-{len(started)}.log'
+        with open(log_path, 'wb') as log:
+            process = subprocess.Popen(
+                [onegov_chat(), '--config', str(config_file),
+                 '--log-level', log_level, 'serve',
+                 '--host', '127.0.0.1', '--port', '0', *args],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        server = ServerProcess(process, log_path)
+        started.append(server)
+        line = server.wait_for_log(r'event=server_ready .* port=\d+')
+        server.port = int(line.rsplit('port=', 1)[1].split()[0])
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def chat_server(
+    start_server: Callable[..., ServerProcess]
+) -> ServerProcess:
+    """One running server with the test configuration."""
+    return start_server()
+
+
+class TownApp(Framework, ChatApp):
+    """A host application as a OneGov town would define it."""
+
+
+@pytest.fixture
+def town_app(settings: dict[str, Any]) -> Iterator[TownApp]:
+    """A configured tenant of a fresh host app class."""
+
+    class App(TownApp):
+        pass
+
+    App.commit()
+    app = App()
+    app.configure_application(**settings)
+    app.set_application_id(settings['application_id'])
+    yield app
+    app.session_store.close()
+
+
+@pytest.fixture
+def client(town_app: TownApp) -> TestApp:
+    return TestApp(town_app)
+
+
+@dataclass
+class Credentials:
+    """What a browser holds after fetching ``/chat/token``."""
+
+    token: str
+    url: str
+    cookie: str
+
+
+def fetch_token(client: TestApp) -> Credentials:
+    """Fetch a token as the browser client does; return what it holds."""
+    response = client.get('/chat/token')
+    cookie = client.cookies['session_id']
+    return Credentials(
+        token=response.json['token'],
+        url=response.json['url'],
+        cookie=cookie,
+    )
+
+
+def ws_url(server: ServerProcess, credentials: Credentials) -> str:
+    """The URL the client would use, pointed at `server`."""
+    query = credentials.url.split('?', 1)[1]
+    return f'{server.url}/chats?{query}'
