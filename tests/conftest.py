@@ -220,6 +220,35 @@ def client(town_app: TownApp) -> TestApp:
     return TestApp(town_app)
 
 
+@pytest.fixture
+def make_client(
+    settings: dict[str, Any]
+) -> Iterator[Callable[..., TestApp]]:
+    """Build clients of further tenants, sharing the store of `settings`.
+
+    ``make_client('town/other', token_ttl=1)`` returns a WebTest client
+    of a fresh host app class, configured with `settings` and the given
+    overrides, as the tenant ``town/other``.
+
+    """
+    apps: list[TownApp] = []
+
+    def make(application_id: str = TENANT, **overrides: Any) -> TestApp:
+        class App(TownApp):
+            pass
+
+        App.commit()
+        app = App()
+        app.configure_application(**{**settings, **overrides})
+        app.set_application_id(application_id)
+        apps.append(app)
+        return TestApp(app)
+
+    yield make
+    for app in apps:
+        app.session_store.close()
+
+
 @dataclass
 class Credentials:
     """What a browser holds after fetching ``/chat/token``."""
@@ -244,3 +273,107 @@ def ws_url(server: ServerProcess, credentials: Credentials) -> str:
     """The URL the client would use, pointed at `server`."""
     query = credentials.url.split('?', 1)[1]
     return f'{server.url}/chats?{query}'
+
+
+# The chat ----------------------------------------------------------------
+
+
+def add_staff(
+    app: TownApp, username: str = 'alice', name: str = 'Alice Staff',
+    password: str = 'correct horse battery',
+) -> int:
+    """Create a staff account in the app's database; return its id."""
+    import transaction
+
+    from onegov.chat.collections import UserCollection
+
+    with transaction.manager:
+        user = UserCollection(app.chat_db(), app.application_id).add(
+            username, name, password
+        )
+        user_id = user.id
+    return user_id
+
+
+def start_chat(
+    client: TestApp, name: str = 'Carla Customer',
+    email: str = 'carla@example.org', topic: str = 'Building permit',
+) -> str:
+    """Start a chat through the customer form; return the chat id."""
+    response = client.post('/chat', {
+        'name': name, 'email': email, 'topic': topic,
+    })
+    assert response.status_int == 303
+    page = client.get('/chat/conversation')
+    match = re.search(r'data-chat="([0-9a-f]{32})"', page.text)
+    assert match is not None
+    return match.group(1)
+
+
+def log_in(
+    client: TestApp, username: str = 'alice',
+    password: str = 'correct horse battery',
+) -> None:
+    """Log in through the staff login form."""
+    response = client.post('/chat/login', {
+        'username': username, 'password': password,
+    })
+    assert response.status_int == 303, response.text
+
+
+class Peer:
+    """A real websockets client speaking the chat protocol."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.inbox: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(
+        cls, server: ServerProcess, client: TestApp, origin: str = ORIGIN
+    ) -> Peer:
+        from websockets.asyncio.client import connect
+
+        credentials = fetch_token(client)
+        connection = await connect(
+            ws_url(server, credentials),
+            origin=origin,  # type: ignore[arg-type]
+            additional_headers={
+                'Cookie': f'session_id={credentials.cookie}'
+            },
+            open_timeout=10,
+        )
+        return cls(connection)
+
+    async def send(self, **message: Any) -> None:
+        import json
+
+        await self.connection.send(json.dumps(message))
+
+    async def expect(
+        self, kind: str, timeout: float = 10.0, **match: Any
+    ) -> dict[str, Any]:
+        """Return the first message of type `kind` (matching `match`),
+        keeping every other message in `inbox`."""
+        import asyncio
+        import json
+
+        for index, message in enumerate(self.inbox):
+            if message['type'] == kind and all(
+                message.get(k) == v for k, v in match.items()
+            ):
+                return self.inbox.pop(index)
+
+        async def wait() -> dict[str, Any]:
+            while True:
+                message = json.loads(await self.connection.recv())
+                if message['type'] == kind and all(
+                    message.get(k) == v for k, v in match.items()
+                ):
+                    return dict(message)
+                self.inbox.append(message)
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def close(self) -> None:
+        await self.connection.close()

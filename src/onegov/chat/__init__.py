@@ -1,5 +1,7 @@
 """onegov.chat: secure real-time chat for Morepath and OneGov apps."""
 
+# The chat's pages register themselves on ChatApp.
+from onegov.chat import views  # noqa: F401
 from onegov.chat.integration import ChatApp
 from onegov.chat.security import (
     NoWebsocketTokenPresented,

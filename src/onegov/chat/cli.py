@@ -98,5 +98,45 @@ def demo(
     asyncio.run(run_demo(_config(ctx, data_dir=data_dir, **overrides)))
 
 
+@cli.command('add-user')
+@click.argument('username')
+@click.option('--name', default=None, help='The name customers see.')
+@click.option(
+    '--password-stdin', is_flag=True,
+    help='Read the password from standard input instead of prompting.',
+)
+@click.pass_context
+def add_user(
+    ctx: click.Context,
+    username: str,
+    name: str | None,
+    password_stdin: bool,
+) -> None:
+    """Create a staff account for the configured tenant."""
+    from onegov.chat.collections import UserCollection
+    from onegov.chat.database import session_factory
+    from onegov.chat.models import Base
+
+    config = _config(ctx)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip('\n')
+    else:
+        password = click.prompt(
+            'Password', hide_input=True, confirmation_prompt=True
+        )
+
+    factory = session_factory(config.dsn)
+    Base.metadata.create_all(factory.kw['bind'])
+    with factory() as session:
+        try:
+            UserCollection(session, config.application_id).add(
+                username, name or username, password
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        session.commit()
+    click.echo(f'Added staff user {username} to {config.application_id}.')
+
+
 if __name__ == '__main__':  # pragma: no cover
     cli()

@@ -211,7 +211,12 @@ def own_origins(host: str, port: int) -> tuple[str, ...]:
     if host in ('127.0.0.1', '0.0.0.0', '::', 'localhost'):  # noqa: S104
         hosts = ['127.0.0.1', 'localhost']
     suffix = '' if port == 80 else f':{port}'
-    return tuple(f'http://{name}{suffix}' for name in hosts)
+    # An IPv6 address is bracketed in an origin (RFC 3986, 3.2.2).
+    return tuple(
+        f'http://[{name}]{suffix}' if ':' in name
+        else f'http://{name}{suffix}'
+        for name in hosts
+    )
 
 
 def validate(config: Config) -> None:
@@ -254,6 +259,10 @@ def load_config(
     except OSError as exc:
         raise ConfigError(
             f'cannot read configuration file {path}: {exc.strerror}'
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f'configuration file {path} is not valid UTF-8'
         ) from None
     except yaml.YAMLError as exc:
         # The parser's message quotes the offending line, which may be

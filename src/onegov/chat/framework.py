@@ -160,13 +160,27 @@ class Framework(TransactionApp):
     def configure_application(self, **cfg: Any) -> None:
         """Call every ``configure_<name>(**cfg)`` hook, once each.
 
-        Hooks of base classes run before those of subclasses, so that a
-        mixin can rely on the framework's own configuration.
+        Hooks run in reverse method resolution order: those of the
+        classes furthest from the app class first. Each takes what it
+        needs from `cfg` and ignores the rest.
 
         """
+        # Each class after its own bases, bases left to right: in
+        # ``class TownApp(Framework, ChatApp)`` the framework's hooks run
+        # before the mixin's. The reversed MRO would put ChatApp's first.
+        classes: list[type] = []
+
+        def visit(cls: type) -> None:
+            for base in cls.__bases__:
+                visit(base)
+            if cls not in classes:
+                classes.append(cls)
+
+        visit(type(self))
+
         seen: set[str] = set()
         hooks: list[Callable[..., None]] = []
-        for cls in reversed(type(self).__mro__):
+        for cls in classes:
             for name in vars(cls):
                 if name.startswith('configure_') and name not in seen:
                     if name == 'configure_application':

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import morepath
+from sqlalchemy.orm import Session
 
 from onegov.chat.security import (
     DEFAULT_TOKEN_TTL,
@@ -71,6 +72,7 @@ class ChatApp(morepath.App):
     chat_websocket_port: int = 8765
     chat_token_ttl: float = DEFAULT_TOKEN_TTL
     chat_origin_policy: OriginPolicy = OriginPolicy()
+    _chat_tables_ready = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The host's framework picks the request class; give it our
@@ -134,6 +136,16 @@ class ChatApp(morepath.App):
         self.chat_websocket_url = websocket_url
         self.chat_websocket_port = websocket_port
         self.chat_token_ttl = float(token_ttl)
+
+    def chat_db(self) -> Session:
+        """The host's database session, with the chat's tables in it."""
+        session: Session = self.db()  # type: ignore[attr-defined]
+        if not self._chat_tables_ready:
+            from onegov.chat.models import Base
+
+            Base.metadata.create_all(session.get_bind())
+            self._chat_tables_ready = True
+        return session
 
     def websocket_endpoint(self, request: morepath.Request) -> str:
         """Return the websocket URL for a page served by `request`.

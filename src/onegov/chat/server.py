@@ -11,7 +11,6 @@ the library's own validation, so a request it refuses anyway (no
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -24,12 +23,10 @@ from websockets.http11 import Request, Response
 
 from onegov.chat.config import Config
 from onegov.chat.handshake import HandshakeChecker, HandshakeRefused, Principal
+from onegov.chat.service import ChatService
 from onegov.chat.session import SessionStore, store_from_url
 
 logger = logging.getLogger('onegov.chat.server')
-
-#: The version of the JSON protocol spoken after the handshake.
-PROTOCOL_VERSION = 1
 
 _SECRET_HEADERS = frozenset({'cookie', 'set-cookie', 'authorization'})
 
@@ -101,7 +98,11 @@ class ChatServer:
         self.checker = HandshakeChecker(
             config.identity_secret, self.store, config.origin_policy
         )
-        self.handler = handler or self.hello
+        self.service: ChatService | None = None
+        if handler is None:
+            self.service = ChatService(config, self.store)
+            handler = self.service.handle
+        self.handler = handler
         self.server: Server | None = None
 
     async def process_response(
@@ -149,21 +150,10 @@ class ChatServer:
             )
             await connection.close(1011, 'internal error')
 
-    async def hello(
-        self, connection: ServerConnection, principal: Principal
-    ) -> None:
-        """The minimal authenticated session: say who we think you are."""
-        await connection.send(json.dumps({
-            'type': 'hello',
-            'protocol': PROTOCOL_VERSION,
-            'role': principal.role,
-            'tenant': principal.schema,
-        }))
-        async for _ in connection:
-            pass
-
     async def start(self, host: str, port: int) -> Server:
         config = self.config
+        if self.service is not None:
+            self.service.start()
         self.server = await serve(
             self.serve_connection,
             host,
@@ -191,6 +181,8 @@ class ChatServer:
             # Closing the server closes every connection with 1001.
             self.server.close()
             await self.server.wait_closed()
+        if self.service is not None:
+            await self.service.stop()
         self.store.close()
 
 

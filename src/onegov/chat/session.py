@@ -147,6 +147,18 @@ def _decode(value: str | bytes | None) -> Any:
         return None
 
 
+def _decode_all(items: Iterable[tuple[Any, Any]]) -> dict[str, Any]:
+    """Decode a session's values, leaving out those we cannot read."""
+    data: dict[str, Any] = {}
+    for key, value in items:
+        try:
+            name = key.decode() if isinstance(key, bytes) else key
+            data[name] = json.loads(value)
+        except ValueError:
+            continue
+    return data
+
+
 class MemoryStore(SessionStore):
     """A store in this process only: for unit tests, never for serving."""
 
@@ -164,8 +176,7 @@ class MemoryStore(SessionStore):
 
     def load(self, namespace: str, session_id: str) -> dict[str, Any]:
         with self._lock:
-            data = self._live(namespace, session_id)
-            return {k: _decode(v) for k, v in data.items()}
+            return _decode_all(self._live(namespace, session_id).items())
 
     def write(
         self,
@@ -248,7 +259,7 @@ class SQLiteStore(SessionStore):
             ).fetchall()
         except sqlite3.Error as exc:
             raise SessionStoreError('session store failed') from exc
-        return {key: _decode(value) for key, value in rows}
+        return _decode_all(rows)
 
     def write(
         self,
@@ -372,10 +383,7 @@ class RedisStore(SessionStore):
             data = self.client.hgetall(self._key(namespace, session_id))
         except self._errors as exc:
             raise SessionStoreError('session store failed') from exc
-        return {
-            k.decode() if isinstance(k, bytes) else k: _decode(v)
-            for k, v in data.items()
-        }
+        return _decode_all(data.items())
 
     def write(
         self,
@@ -554,7 +562,6 @@ class BrowserSession(MutableMapping[str, Any]):
         self._data[key] = value
         self._changed[key] = value
         self._deleted.discard(key)
-        self._invalidated = False
         self._touch()
 
     def __delitem__(self, key: str) -> None:
@@ -604,8 +611,12 @@ class BrowserSession(MutableMapping[str, Any]):
                     self.store.delete(self.namespace, session_id)
             self.session_id = self._previous_id = None
             self._invalidated = False
-            self.cookie_action = 'delete'
-            return
+            if not self._changed:
+                self._deleted.clear()
+                self.cookie_action = 'delete'
+                return
+            # What was stored after the logout goes into a fresh session;
+            # the old id must not come back to life with it.
 
         if self._previous_id:
             self.session_id = new_session_id()

@@ -1,0 +1,245 @@
+"""The queries the views and the websocket server need.
+
+Every query is bound to one tenant: a chat of another tenant is not
+found, whatever its id.
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from onegov.chat.models import Chat, ChatState, Message, User
+from onegov.chat.models.base import utcnow
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """The outcome of storing a message."""
+
+    message: dict[str, Any]
+    duplicate: bool
+
+
+class ChatCollection:
+    """The chats of one tenant."""
+
+    def __init__(self, session: Session, application_id: str) -> None:
+        self.session = session
+        self.application_id = application_id
+
+    def _query(self) -> Any:
+        return select(Chat).where(Chat.application_id == self.application_id)
+
+    def by_id(self, chat_id: Any) -> Chat | None:
+        if not isinstance(chat_id, str) or len(chat_id) != 32:
+            return None
+        return self.session.scalars(
+            self._query().where(Chat.id == chat_id)
+        ).one_or_none()
+
+    def waiting(self) -> Sequence[Chat]:
+        return self.session.scalars(
+            self._query()
+            .where(Chat.state == ChatState.waiting)
+            .order_by(Chat.created)
+        ).all()
+
+    def active(self, staff_id: int | None = None) -> Sequence[Chat]:
+        query = self._query().where(Chat.state == ChatState.active)
+        if staff_id is not None:
+            query = query.where(Chat.staff_id == staff_id)
+        return self.session.scalars(query.order_by(Chat.accepted)).all()
+
+    def archived(self) -> Sequence[Chat]:
+        return self.session.scalars(
+            self._query()
+            .where(Chat.state == ChatState.ended)
+            .order_by(Chat.ended.desc())
+        ).all()
+
+    def add(
+        self, customer_name: str, customer_email: str, topic: str
+    ) -> Chat:
+        chat = Chat(
+            application_id=self.application_id,
+            customer_name=customer_name,
+            customer_email=customer_email,
+            topic=topic,
+            state=ChatState.waiting,
+            last_seq=0,
+        )
+        self.session.add(chat)
+        self.session.flush()
+        return chat
+
+    def claim(self, chat_id: str, staff_id: int, staff_name: str) -> bool:
+        """Take a waiting chat; True for exactly one of many claims.
+
+        The state is checked and changed in one ``UPDATE``, so two staff
+        members who accept the same chat at once cannot both succeed.
+
+        """
+        result = self.session.execute(
+            update(Chat)
+            .where(Chat.id == chat_id)
+            .where(Chat.application_id == self.application_id)
+            .where(Chat.state == ChatState.waiting)
+            .values(
+                state=ChatState.active, staff_id=staff_id,
+                staff_name=staff_name, accepted=utcnow(),
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def end(self, chat_id: str, staff_id: int | None = None) -> bool:
+        """End an open chat (of `staff_id` if given); True if it ended."""
+        query = (
+            update(Chat)
+            .where(Chat.id == chat_id)
+            .where(Chat.application_id == self.application_id)
+            .where(Chat.state != ChatState.ended)
+        )
+        if staff_id is not None:
+            query = query.where(Chat.staff_id == staff_id)
+        result = self.session.execute(
+            query.values(state=ChatState.ended, ended=utcnow())
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def messages_after(
+        self, chat_id: str, seq: int, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        rows = self.session.scalars(
+            select(Message)
+            .where(Message.chat_id == chat_id)
+            .where(Message.seq > seq)
+            .order_by(Message.seq)
+            .limit(limit)
+        ).all()
+        return [row.as_dict() for row in rows]
+
+    def purge(self, older_than: datetime) -> int:
+        """Delete ended chats that ended before `older_than`."""
+        chats = self.session.scalars(
+            self._query()
+            .where(Chat.state == ChatState.ended)
+            .where(Chat.ended < older_than)
+        ).all()
+        for chat in chats:
+            self.session.delete(chat)
+        return len(chats)
+
+
+def find_message(
+    session: Session, chat_id: str, client_id: str
+) -> dict[str, Any] | None:
+    """Return the message `client_id` of the chat, if it was stored."""
+    row = session.scalars(
+        select(Message)
+        .where(Message.chat_id == chat_id)
+        .where(Message.client_id == client_id)
+    ).one_or_none()
+    return row.as_dict() if row is not None else None
+
+
+def store_message(
+    session: Session,
+    chat_id: str,
+    role: str,
+    sender_name: str,
+    text: str,
+    client_id: str,
+) -> StoredMessage | None:
+    """Store a message in its own transaction; None if the chat is closed.
+
+    A message whose `client_id` is known is not stored again: the stored
+    one is returned, marked as duplicate. The next sequence number is
+    taken with an ``UPDATE ... RETURNING`` on the chat row, which locks
+    it until the commit, so numbers are gap-free across processes.
+
+    """
+    known = find_message(session, chat_id, client_id)
+    if known is not None:
+        session.rollback()
+        return StoredMessage(known, duplicate=True)
+
+    seq = session.execute(
+        update(Chat)
+        .where(Chat.id == chat_id)
+        .where(Chat.state != ChatState.ended)
+        .values(last_seq=Chat.last_seq + 1)
+        .returning(Chat.last_seq)
+    ).scalar_one_or_none()
+    if seq is None:
+        session.rollback()
+        return None
+
+    message = Message(
+        chat_id=chat_id, seq=seq, role=role, sender_name=sender_name,
+        text=text, client_id=client_id, created=utcnow(),
+    )
+    session.add(message)
+    try:
+        session.commit()
+    except IntegrityError:
+        # The same client id, stored a moment ago by another process.
+        session.rollback()
+        known = find_message(session, chat_id, client_id)
+        if known is None:
+            raise
+        return StoredMessage(known, duplicate=True)
+    return StoredMessage(message.as_dict(), duplicate=False)
+
+
+class UserCollection:
+    """The staff accounts of one tenant."""
+
+    def __init__(self, session: Session, application_id: str) -> None:
+        self.session = session
+        self.application_id = application_id
+
+    def by_username(self, username: str) -> User | None:
+        return self.session.scalars(
+            select(User)
+            .where(User.application_id == self.application_id)
+            .where(User.username == username)
+        ).one_or_none()
+
+    def by_id(self, user_id: Any) -> User | None:
+        if not isinstance(user_id, int) or isinstance(user_id, bool):
+            return None
+        return self.session.scalars(
+            select(User)
+            .where(User.application_id == self.application_id)
+            .where(User.id == user_id)
+        ).one_or_none()
+
+    def add(
+        self,
+        username: str,
+        display_name: str,
+        password: str,
+        role: str = 'staff',
+    ) -> User:
+        if not username or len(username) > 255:
+            raise ValueError('a username needs 1 to 255 characters')
+        if self.by_username(username) is not None:
+            raise ValueError(f'the user {username!r} exists already')
+        user = User(
+            application_id=self.application_id,
+            username=username,
+            display_name=display_name or username,
+            role=role,
+        )
+        user.set_password(password)
+        self.session.add(user)
+        self.session.flush()
+        return user
