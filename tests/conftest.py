@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -9,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,11 +77,107 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f'nothing listens on port {port}')
 
 
-@pytest.fixture(params=['sqlite', 'redis'])
+def postgres_bindir() -> Path:
+    """The folder of PostgreSQL's server programs."""
+    require('psql')
+    found = sorted(Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
+    if not found:
+        message = 'the PostgreSQL server is not installed'
+        if os.environ.get('CI'):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found[-1].parent
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL server of the tests' own, in a temporary folder."""
+
+    bindir: Path
+    datadir: Path
+    port: int
+    user: str | None
+
+    def run(self, *args: str) -> None:
+        command = [str(self.bindir / args[0]), *args[1:]]
+        if self.user:
+            # PostgreSQL refuses to run as root.
+            command = ['runuser', '-u', self.user, '--', *command]
+        subprocess.run(
+            command, check=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        self.run(
+            'pg_ctl', '-D', str(self.datadir), '-w', '-t', '30',
+            '-l', str(self.datadir / 'server.log'),
+            '-o', f'-p {self.port} -k {self.datadir} '
+            f'-c listen_addresses=127.0.0.1 -c fsync=off '
+            f'-c max_connections=200',
+            'start',
+        )
+
+    def stop(self, mode: str = 'fast') -> None:
+        self.run(
+            'pg_ctl', '-D', str(self.datadir), '-w', '-m', mode, 'stop'
+        )
+
+    def dsn(self, database: str = 'postgres') -> str:
+        return (
+            f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}'
+        )
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(
+            f'postgresql://postgres@127.0.0.1:{self.port}/postgres',
+            autocommit=True,
+        ) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+
+@pytest.fixture(scope='session')
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on a free loopback port."""
+    bindir = postgres_bindir()
+    # Not under pytest's temporary folder: the server's own user must be
+    # able to reach it, and pytest keeps that folder private.
+    root = Path(tempfile.mkdtemp(prefix='onegov-chat-pg-'))
+    root.chmod(0o755)
+    datadir = root / 'data'
+    datadir.mkdir()
+    user = 'postgres' if os.geteuid() == 0 else None
+    if user:
+        shutil.chown(datadir, user)
+    server = PostgresServer(bindir, datadir, free_port(), user)
+    try:
+        server.run(
+            'initdb', '-D', str(datadir), '-U', 'postgres',
+            '--auth=trust', '--no-sync',
+        )
+        server.start()
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop('immediate')
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(
+    params=['sqlite', 'redis'], ids=['sqlite', 'redis+postgres']
+)
 def store_url(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> str:
-    """The session store URL: a SQLite file, then a real Redis."""
+    """The session store URL: a SQLite file, then a real Redis.
+
+    With Redis, the database is a real PostgreSQL (see `dsn`): the
+    embedded default, then the production setup.
+
+    """
     if request.param == 'sqlite':
         return f'sqlite:///{tmp_path}/sessions.db'
     url: str = request.getfixturevalue('redis_server')
@@ -86,12 +185,24 @@ def store_url(
 
 
 @pytest.fixture
-def settings(store_url: str, tmp_path: Path) -> dict[str, Any]:
+def dsn(
+    store_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> str:
+    """The database: SQLite beside the SQLite store, a fresh PostgreSQL
+    database beside Redis."""
+    if store_url.startswith('sqlite'):
+        return f'sqlite:///{tmp_path}/chat.db'
+    server: PostgresServer = request.getfixturevalue('postgres_server')
+    return server.create_database(f'test_{uuid.uuid4().hex}')
+
+
+@pytest.fixture
+def settings(store_url: str, dsn: str, tmp_path: Path) -> dict[str, Any]:
     """The configuration shared by the test app and the server."""
     return {
         'identity_secret': SECRET,
         'session_store': store_url,
-        'dsn': f'sqlite:///{tmp_path}/chat.db',
+        'dsn': dsn,
         'allowed_origins': [ORIGIN],
         'token_ttl': 60,
         'websocket_host': '127.0.0.1',
@@ -212,7 +323,7 @@ def town_app(settings: dict[str, Any]) -> Iterator[TownApp]:
     app.configure_application(**settings)
     app.set_application_id(settings['application_id'])
     yield app
-    app.session_store.close()
+    app.dispose()
 
 
 @pytest.fixture

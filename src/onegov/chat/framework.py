@@ -228,6 +228,14 @@ class Framework(TransactionApp):
             self._db = transactional_session(self.dsn)
         return self._db()
 
+    def dispose(self) -> None:
+        """Close the database connections and the session store."""
+        if self._db is not None:
+            self._db.remove()
+            self._db.session_factory.kw['bind'].dispose()
+            self._db = None
+        self.session_store.close()
+
     def set_application_id(self, application_id: str) -> None:
         """Make this instance the tenant `application_id`.
 
