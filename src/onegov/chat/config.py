@@ -41,6 +41,7 @@ class Config:
     identity_secret: str
     session_store: str
     dsn: str
+    broker: str | None = None
     allowed_origins: tuple[str, ...] = ()
     allowed_origin_patterns: tuple[str, ...] = ()
     allow_missing_origin: bool = False
@@ -66,6 +67,7 @@ class Config:
     shutdown_timeout: float = 10.0
     data_dir: str = DEFAULT_DATA_DIR
     production: bool = False
+    metrics: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,11 +108,11 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
 }
 
 _STRINGS = (
-    'identity_secret', 'session_store', 'dsn', 'application_id',
+    'identity_secret', 'session_store', 'dsn', 'broker', 'application_id',
     'websocket_host', 'websocket_url', 'web_host', 'data_dir',
 )
 
-_FLAGS = ('allow_missing_origin', 'compression', 'production')
+_FLAGS = ('allow_missing_origin', 'compression', 'production', 'metrics')
 
 _LISTS = ('allowed_origins', 'allowed_origin_patterns')
 
@@ -231,6 +233,11 @@ def validate(config: Config) -> None:
         config.origin_policy  # noqa: B018 (validates)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    broker = config.broker
+    if broker is not None and not broker.startswith(
+        ('redis://', 'rediss://', 'unix://')
+    ):
+        raise ConfigError('broker must be a redis:// URL (or left out)')
     url = config.websocket_url
     if url is not None and not url.startswith(('ws://', 'wss://')):
         raise ConfigError('websocket_url must start with ws:// or wss://')

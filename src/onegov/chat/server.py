@@ -16,6 +16,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.frames import Frame
@@ -23,6 +24,7 @@ from websockets.http11 import Request, Response
 
 from onegov.chat.config import Config
 from onegov.chat.handshake import HandshakeChecker, HandshakeRefused, Principal
+from onegov.chat.metrics import Metrics
 from onegov.chat.service import ChatService
 from onegov.chat.session import SessionStore, store_from_url
 
@@ -79,6 +81,12 @@ def peer_of(connection: ServerConnection) -> str:
     return '-'
 
 
+#: The path of the health check a load balancer polls.
+HEALTH_PATH = '/healthz'
+
+#: The path of the Prometheus metrics.
+METRICS_PATH = '/metrics'
+
 Handler = Callable[[ServerConnection, Principal], Awaitable[None]]
 
 
@@ -98,9 +106,10 @@ class ChatServer:
         self.checker = HandshakeChecker(
             config.identity_secret, self.store, config.origin_policy
         )
+        self.metrics = Metrics()
         self.service: ChatService | None = None
         if handler is None:
-            self.service = ChatService(config, self.store)
+            self.service = ChatService(config, self.store, self.metrics)
             handler = self.service.handle
         self.handler = handler
         self.server: Server | None = None
@@ -128,14 +137,61 @@ class ChatServer:
                 'event=handshake_refused reason=%s status=%d peer=%s',
                 refusal.reason, refusal.status, peer_of(connection),
             )
+            self.metrics.handshakes.labels('refused', refusal.reason).inc()
+            if refusal.reason == 'token_expired':
+                self.metrics.tokens_expired.inc()
             return connection.respond(refusal.status, f'{refusal.text}\n')
 
+        self.metrics.handshakes.labels('admitted', '').inc()
+        self.metrics.tokens_consumed.inc()
         connection.principal = principal  # type: ignore[attr-defined]
         logger.info(
             'event=handshake_admitted tenant=%s role=%s peer=%s',
             principal.application_id, principal.role, peer_of(connection),
         )
         return None
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """Answer the plain HTTP requests: health and metrics."""
+        path = request.path.partition('?')[0]
+        if path == HEALTH_PATH:
+            failed = await self.health()
+            if failed:
+                return connection.respond(
+                    503, f'unavailable: {", ".join(failed)}\n'
+                )
+            return connection.respond(200, 'ok\n')
+        if path == METRICS_PATH and self.config.metrics:
+            response = connection.respond(200, '')
+            response.body = body = self.metrics.render()
+            # Headers is a multidict: replace, do not add.
+            del response.headers['Content-Type']
+            del response.headers['Content-Length']
+            response.headers['Content-Type'] = CONTENT_TYPE_LATEST
+            response.headers['Content-Length'] = str(len(body))
+            return response
+        return None
+
+    async def health(self) -> list[str]:
+        """Return the names of the backends that do not answer."""
+        checks: dict[str, Awaitable[Any]] = {
+            'store': asyncio.to_thread(self.store.ping),
+        }
+        if self.service is not None:
+            checks['broker'] = self.service.broker.ping()
+            checks['database'] = asyncio.to_thread(
+                self.service.ping_database
+            )
+
+        failed = []
+        for name, check in checks.items():
+            try:
+                await asyncio.wait_for(check, timeout=2.0)
+            except Exception:
+                failed.append(name)
+        return failed
 
     async def serve_connection(self, connection: ServerConnection) -> None:
         principal: Principal = connection.principal  # type: ignore[attr-defined]
@@ -153,11 +209,12 @@ class ChatServer:
     async def start(self, host: str, port: int) -> Server:
         config = self.config
         if self.service is not None:
-            self.service.start()
+            await self.service.start()
         self.server = await serve(
             self.serve_connection,
             host,
             port,
+            process_request=self.process_request,
             process_response=self.process_response,
             max_size=config.max_size,
             open_timeout=config.open_timeout,
@@ -178,9 +235,16 @@ class ChatServer:
 
     async def close(self) -> None:
         if self.server is not None:
-            # Closing the server closes every connection with 1001.
+            # Stop accepting, close every connection with 1001 (clients
+            # reconnect elsewhere), and let the handlers finish what they
+            # are storing, within the shutdown timeout.
             self.server.close()
-            await self.server.wait_closed()
+            try:
+                await asyncio.wait_for(
+                    self.server.wait_closed(), self.config.shutdown_timeout
+                )
+            except TimeoutError:
+                logger.warning('event=shutdown_timeout')
         if self.service is not None:
             await self.service.stop()
         self.store.close()

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from onegov.chat.broker import LocalBroker, broker_from_url
 from onegov.chat.collections.chats import (
     ChatCollection,
     StoredMessage,
@@ -38,6 +40,7 @@ from onegov.chat.collections.chats import (
 )
 from onegov.chat.config import Config
 from onegov.chat.handshake import Principal
+from onegov.chat.metrics import Metrics
 from onegov.chat.models import Base, ChatState
 from onegov.chat.protocol import (
     PROTOCOL_VERSION,
@@ -53,6 +56,16 @@ from onegov.chat.session import SessionStore, SessionStoreError
 logger = logging.getLogger('onegov.chat.service')
 
 T = TypeVar('T')
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coroutine: Coroutine[Any, Any, Any]) -> None:
+    """Run `coroutine` in the background, keeping a reference to it."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 class RateLimiter:
@@ -103,6 +116,8 @@ class Client:
         #: Live messages held back while a chat's history is sent.
         self.held: dict[str, list[tuple[int, str]]] = {}
         self.writer: asyncio.Task[None] | None = None
+        #: The last queue position sent to a waiting customer.
+        self.standing: dict[str, Any] = {}
 
     @property
     def role(self) -> str:
@@ -156,9 +171,7 @@ class Client:
                 return
         if self.writer is not None:
             self.writer.cancel()
-        asyncio.get_running_loop().create_task(
-            self.connection.close(code, reason)
-        )
+        spawn(self.connection.close(code, reason))
 
     async def write(self) -> None:
         while True:
@@ -187,15 +200,22 @@ class Hub:
         self.chats: dict[str, set[Client]] = defaultdict(set)
         self.staff: dict[str, set[Client]] = defaultdict(set)
 
-    def follow(self, chat_id: str, client: Client) -> None:
-        self.chats[chat_id].add(client)
+    def follow(self, chat_id: str, client: Client) -> bool:
+        """Add `client` to the chat; True if it is the first here."""
+        members = self.chats[chat_id]
+        members.add(client)
+        return len(members) == 1
 
-    def unfollow(self, chat_id: str, client: Client) -> None:
+    def unfollow(self, chat_id: str, client: Client) -> bool:
+        """Remove `client` from the chat; True if it was the last here."""
         members = self.chats.get(chat_id)
-        if members is not None:
-            members.discard(client)
-            if not members:
-                del self.chats[chat_id]
+        if members is None or client not in members:
+            return False
+        members.discard(client)
+        if not members:
+            del self.chats[chat_id]
+            return True
+        return False
 
     def members(self, chat_id: str) -> list[Client]:
         return list(self.chats.get(chat_id, ()))
@@ -207,13 +227,25 @@ class Hub:
 class ChatService:
     """The chat loop of one server process."""
 
-    def __init__(self, config: Config, store: SessionStore) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: SessionStore,
+        metrics: Metrics | None = None,
+        broker: LocalBroker | None = None,
+    ) -> None:
         from onegov.chat.database import create_database_engine
 
         self.config = config
         self.store = store
+        self.metrics = metrics or Metrics()
+        self.broker = broker or broker_from_url(config.broker)
+        self.broker.on_chat = self.on_chat_event
+        self.broker.on_staff = self.on_staff_event
+        self.broker.on_resync = self.resync
         engine = create_database_engine(config.dsn)
         Base.metadata.create_all(engine)
+        self.engine = engine
         self.db: sessionmaker[Session] = sessionmaker(
             bind=engine, expire_on_commit=False
         )
@@ -250,7 +282,8 @@ class ChatService:
         if not lock.locked() and self.chat_locks.get(chat_id) is lock:
             del self.chat_locks[chat_id]
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.broker.start()
         self.liveness = asyncio.get_running_loop().create_task(
             self.check_liveness()
         )
@@ -258,7 +291,17 @@ class ChatService:
     async def stop(self) -> None:
         if self.liveness is not None:
             self.liveness.cancel()
-        self.executor.shutdown(wait=True)
+        await self.broker.stop()
+        # Let the writes under way finish: they may be acknowledged yet.
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
+        self.engine.dispose()
+
+    def ping_database(self) -> None:
+        """Raise unless the database answers (for the health check)."""
+        from sqlalchemy import text
+
+        with self.db() as session:
+            session.execute(text('SELECT 1'))
 
     # Connections -------------------------------------------------------
 
@@ -274,6 +317,9 @@ class ChatService:
                 'event=connection_refused reason=too_many_connections '
                 'tenant=%s role=%s', client.tenant, client.role,
             )
+            self.metrics.connections_refused.labels(
+                'too_many_connections'
+            ).inc()
             await connection.close(
                 Close.TOO_MANY_CONNECTIONS, 'too many connections'
             )
@@ -281,6 +327,8 @@ class ChatService:
 
         siblings.add(client)
         self.clients.add(client)
+        gauge = self.metrics.connections.labels(client.role)
+        gauge.inc()
         client.writer = asyncio.get_running_loop().create_task(
             client.write()
         )
@@ -288,7 +336,8 @@ class ChatService:
             if await self.greet(client):
                 await self.read(client)
         finally:
-            self.forget(client)
+            gauge.dec()
+            await self.forget(client)
             await self.finish(client)
 
     async def finish(self, client: Client) -> None:
@@ -301,21 +350,28 @@ class ChatService:
                 await asyncio.wait_for(writer, timeout=5)
         writer.cancel()
 
-    def forget(self, client: Client) -> None:
+    async def forget(self, client: Client) -> None:
         key = (client.tenant, client.principal.session_id)
         self.by_session[key].discard(client)
         if not self.by_session[key]:
             del self.by_session[key]
         self.clients.discard(client)
-        for chat_id in list(client.seen):
-            self.hub.unfollow(chat_id, client)
-        for chat_id in list(client.held):
-            self.hub.unfollow(chat_id, client)
+        for chat_id in {*client.seen, *client.held}:
+            await self.unfollow(chat_id, client)
         staff = self.hub.staff.get(client.tenant)
-        if staff is not None:
+        if staff is not None and client in staff:
             staff.discard(client)
             if not staff:
                 del self.hub.staff[client.tenant]
+                await self.broker.unfollow_staff(client.tenant)
+
+    async def follow(self, chat_id: str, client: Client) -> None:
+        if self.hub.follow(chat_id, client):
+            await self.broker.follow_chat(chat_id)
+
+    async def unfollow(self, chat_id: str, client: Client) -> None:
+        if self.hub.unfollow(chat_id, client):
+            await self.broker.unfollow_chat(chat_id)
 
     async def greet(self, client: Client) -> bool:
         """Say hello; announce waiting chats to staff. False to close."""
@@ -348,7 +404,11 @@ class ChatService:
             hello['name'], waiting, active = found
             hello['active'] = active
             client.reply(hello)
-            self.hub.staff[tenant].add(client)
+            staff = self.hub.staff[tenant]
+            staff.add(client)
+            if len(staff) == 1:
+                await self.broker.follow_staff(tenant)
+            await self.share_presence(tenant)
             for chat in waiting:
                 client.reply({'type': 'request', 'chat': chat})
             return True
@@ -356,10 +416,14 @@ class ChatService:
         chat_id = client.own_chat
 
         def load_chat(session: Session) -> Any:
-            chat = ChatCollection(session, tenant).by_id(chat_id)
-            return chat.as_dict() if chat is not None else None
+            chats = ChatCollection(session, tenant)
+            chat = chats.by_id(chat_id)
+            if chat is None:
+                return None
+            return chat.as_dict(), chats.position(chat)
 
-        chat = await self.run_db(load_chat) if chat_id else None
+        found = await self.run_db(load_chat) if chat_id else None
+        chat, position = found if found else (None, 0)
         hello['chat'] = chat
         if chat is None:
             # A session without a chat may stay connected (the page may
@@ -371,11 +435,20 @@ class ChatService:
             client.close(Close.CHAT_ENDED, 'chat ended')
             return False
         if chat['state'] == ChatState.waiting:
+            client.standing = await self.queue_info(tenant, position)
+            client.reply(client.standing)
             # Announce the request now that the customer is here; staff
             # who connect later get it in their greeting.
-            for member in self.hub.staff_of(tenant):
-                member.reply({'type': 'request', 'chat': chat})
+            await self.notify_staff(tenant, {'type': 'request', 'chat': chat})
         return True
+
+    async def queue_info(self, tenant: str, position: int) -> dict[str, Any]:
+        """Where a waiting customer stands, and whether staff are here."""
+        return {
+            'type': 'queue',
+            'position': position,
+            'staff_online': await self.broker.present(tenant),
+        }
 
     async def read(self, client: Client) -> None:
         connection = client.connection
@@ -396,6 +469,7 @@ class ChatService:
     async def dispatch(self, client: Client, frame: str) -> None:
         """Answer one frame; never raises for anything a client sends."""
         if not client.limiter.allow():
+            self.metrics.rate_limited.inc()
             client.reply({
                 'type': 'error', 'code': 'rate_limited',
                 'message': 'too many messages, slow down',
@@ -468,11 +542,14 @@ class ChatService:
         chat_id = self.target(client, command)
         chat = await self.visible_chat(client, chat_id)
 
+        # Follow first, holding live messages back, then read the
+        # history: nothing published in between can be missed.
         client.held[chat_id] = []
         client.seen.pop(chat_id, None)
-        self.hub.follow(chat_id, client)
+        await self.follow(chat_id, client)
         client.reply({'type': 'joined', 'chat': chat})
-        await self.catch_up(client, chat_id, command.last_seq)
+        after = min(command.last_seq, chat['last_seq'])
+        await self.catch_up(client, chat_id, after)
 
     async def catch_up(
         self, client: Client, chat_id: str, after: int
@@ -507,40 +584,42 @@ class ChatService:
         if seq == seen + 1:
             client.seen[chat_id] = seq
             client.send(payload)
+            self.metrics.messages_delivered.inc()
             return
 
         # A gap: another process stored the messages in between. Fetch
         # them from the database before sending anything newer.
         client.held[chat_id] = [(seq, payload)]
-        asyncio.get_running_loop().create_task(
-            self.catch_up(client, chat_id, seen)
-        )
+        spawn(self.catch_up(client, chat_id, seen))
 
     async def on_message(self, client: Client, command: Command) -> None:
+        """Store a message, acknowledge it, then hand it to everyone."""
+        received = time.perf_counter()
+        self.metrics.messages_received.inc()
         chat_id = self.target(client, command)
-        chat = await self.visible_chat(client, chat_id)
-        if chat['state'] == ChatState.ended:
-            raise ProtocolError('chat_ended', 'the chat has ended', ref(
-                command))
-        if client.is_staff and chat['state'] != ChatState.active:
-            raise ProtocolError(
-                'forbidden', 'accept the chat first', ref(command)
-            )
+        tenant, user_id = client.tenant, client.user_id
+        staff_name = str(client.principal.data.get('name') or 'Staff')
+        is_staff = client.is_staff
 
-        role = 'staff' if client.is_staff else 'customer'
-        name = (
-            client.principal.data.get('name') or 'Staff'
-            if client.is_staff else chat['customer_name']
-        )
+        def store(session: Session) -> StoredMessage | str:
+            # Check and store in one trip to the database thread.
+            chat = ChatCollection(session, tenant).by_id(chat_id)
+            if chat is None or (is_staff and chat.staff_id != user_id):
+                return 'not_found'
+            if chat.state == ChatState.ended:
+                return 'chat_ended'
+            if is_staff and chat.state != ChatState.active:
+                return 'not_active'
+            stored = store_message(
+                session, chat_id, 'staff' if is_staff else 'customer',
+                staff_name if is_staff else chat.customer_name,
+                command.text, command.client_id,
+            )
+            return 'chat_ended' if stored is None else stored
 
         async with self.chat_lock(chat_id):
             try:
-                stored: StoredMessage | None = await self.run_db(
-                    lambda session: store_message(
-                        session, chat_id, role, str(name), command.text,
-                        command.client_id,
-                    )
-                )
+                stored = await self.run_db(store)
             except (OSError, SQLAlchemyError):
                 logger.warning(
                     'event=store_failed chat=%s', chat_id, exc_info=True
@@ -549,10 +628,9 @@ class ChatService:
                     'unavailable', 'the message was not stored, send it '
                     'again', ref(command),
                 ) from None
-            if stored is None:
-                raise ProtocolError(
-                    'chat_ended', 'the chat has ended', ref(command)
-                )
+            if isinstance(stored, str):
+                code, text = _REFUSALS[stored]
+                raise ProtocolError(code, text, ref(command))
 
             message = stored.message
             client.reply({
@@ -561,22 +639,64 @@ class ChatService:
                 'duplicate': stored.duplicate,
             })
             if not stored.duplicate:
-                self.publish(chat_id, message)
+                self.metrics.messages_stored.inc()
+                await self.publish(chat_id, message)
+                self.metrics.delivery_latency.observe(
+                    time.perf_counter() - received
+                )
 
-    def publish(self, chat_id: str, message: dict[str, Any]) -> None:
-        payload = encode(message)
-        for member in self.hub.members(chat_id):
-            self.deliver(member, chat_id, message['seq'], payload)
+    async def publish(self, chat_id: str, message: dict[str, Any]) -> None:
+        """Hand a stored message to every member, here and elsewhere."""
+        started = time.perf_counter()
+        await self.broker.publish_chat(
+            chat_id, message['seq'], encode(message)
+        )
+        self.metrics.broker_publish.observe(time.perf_counter() - started)
 
-    def notify_chat(self, chat_id: str, message: dict[str, Any]) -> None:
-        payload = encode(message)
-        for member in self.hub.members(chat_id):
+    async def notify_chat(
+        self, chat_id: str, message: dict[str, Any]
+    ) -> None:
+        await self.broker.publish_chat(chat_id, None, encode(message))
+
+    async def notify_staff(
+        self, tenant: str, message: dict[str, Any]
+    ) -> None:
+        await self.broker.publish_staff(tenant, encode(message))
+
+    def on_chat_event(
+        self, chat_id: str, seq: int | None, payload: str
+    ) -> None:
+        """Deliver what was published to a chat, from here or elsewhere."""
+        members = self.hub.members(chat_id)
+        if seq is not None:
+            for member in members:
+                self.deliver(member, chat_id, seq, payload)
+            return
+
+        for member in members:
             member.send(payload)
+        event = json.loads(payload)
+        if event.get('type') == 'state' and (
+            event.get('chat', {}).get('state') == ChatState.ended
+        ):
+            for member in members:
+                if member.is_staff:
+                    self.hub.unfollow(chat_id, member)
+                    member.seen.pop(chat_id, None)
+                else:
+                    member.close(Close.CHAT_ENDED, 'chat ended')
 
-    def notify_staff(self, tenant: str, message: dict[str, Any]) -> None:
-        payload = encode(message)
+    def on_staff_event(self, tenant: str, payload: str) -> None:
         for member in self.hub.staff_of(tenant):
             member.send(payload)
+
+    def resync(self) -> None:
+        """Catch every followed chat up after a broker outage."""
+        for client in list(self.clients):
+            for chat_id, seen in list(client.seen.items()):
+                if chat_id not in client.held:
+                    client.held[chat_id] = []
+                    spawn(self.catch_up(client, chat_id, seen))
 
     async def on_accept(self, client: Client, command: Command) -> None:
         chat_id = self.target(client, command)
@@ -605,8 +725,10 @@ class ChatService:
             'event=chat_accepted tenant=%s chat=%s', tenant, chat_id
         )
         client.reply({'type': 'accepted', 'chat': chat})
-        self.notify_staff(tenant, {'type': 'taken', 'chat_id': chat_id})
-        self.notify_chat(chat_id, {'type': 'state', 'chat': chat})
+        await self.notify_staff(
+            tenant, {'type': 'taken', 'chat_id': chat_id}
+        )
+        await self.notify_chat(chat_id, {'type': 'state', 'chat': chat})
 
     async def on_end(self, client: Client, command: Command) -> None:
         chat_id = self.target(client, command)
@@ -633,13 +755,10 @@ class ChatService:
 
         logger.info('event=chat_ended tenant=%s chat=%s', tenant, chat_id)
         client.reply({'type': 'ended', 'chat': chat})
-        for member in self.hub.members(chat_id):
-            member.reply({'type': 'state', 'chat': chat})
-            if not member.is_staff:
-                member.close(Close.CHAT_ENDED, 'chat ended')
-            else:
-                self.hub.unfollow(chat_id, member)
-                member.seen.pop(chat_id, None)
+        await self.notify_chat(chat_id, {'type': 'state', 'chat': chat})
+        await self.notify_staff(
+            tenant, {'type': 'taken', 'chat_id': chat_id}
+        )
 
     # Liveness ----------------------------------------------------------
 
@@ -653,6 +772,13 @@ class ChatService:
                 logger.error('event=liveness_failed', exc_info=True)
 
     async def sweep(self) -> None:
+        await self.check_sessions()
+        for tenant in list(self.hub.staff):
+            await self.share_presence(tenant)
+        await self.update_queues()
+
+    async def check_sessions(self) -> None:
+        """Close the sockets of sessions that logged out or changed."""
         for (tenant, session_id), clients in list(self.by_session.items()):
             try:
                 data = await asyncio.to_thread(
@@ -670,6 +796,47 @@ class ChatService:
                     )
                     client.close(Close.SESSION_ENDED, 'session ended')
 
+    async def share_presence(self, tenant: str) -> None:
+        """Tell the other replicas which staff members are here."""
+        members = {
+            str(client.user_id) for client in self.hub.staff_of(tenant)
+        }
+        await self.broker.mark_present(
+            tenant, members, ttl=max(3 * self.config.liveness_interval, 5)
+        )
+
+    async def update_queues(self) -> None:
+        """Tell waiting customers where they stand, when it changed."""
+        waiting: dict[str, list[Client]] = defaultdict(list)
+        for client in self.clients:
+            if not client.is_staff and isinstance(client.own_chat, str):
+                waiting[client.tenant].append(client)
+
+        for tenant, clients in waiting.items():
+            queue = await self.run_db(
+                functools.partial(_waiting_ids, tenant)
+            )
+            online = await self.broker.present(tenant)
+            for client in clients:
+                if client.own_chat not in queue:
+                    continue
+                info = {
+                    'type': 'queue',
+                    'position': queue.index(client.own_chat) + 1,
+                    'staff_online': online,
+                }
+                if info != client.standing:
+                    client.standing = info
+                    client.reply(info)
+
+
+#: Why a message was not stored: the error code and message.
+_REFUSALS = {
+    'not_found': ('not_found', 'no such chat'),
+    'chat_ended': ('chat_ended', 'the chat has ended'),
+    'not_active': ('forbidden', 'accept the chat first'),
+}
+
 
 def _still_valid(principal: Principal, data: dict[str, Any]) -> bool:
     if not data:
@@ -678,6 +845,10 @@ def _still_valid(principal: Principal, data: dict[str, Any]) -> bool:
         if data.get(key) != principal.data.get(key):
             return False
     return True
+
+
+def _waiting_ids(tenant: str, session: Session) -> list[str]:
+    return [chat.id for chat in ChatCollection(session, tenant).waiting()]
 
 
 def _messages_after(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,19 @@ class ChatCollection:
             .where(Chat.state == ChatState.waiting)
             .order_by(Chat.created)
         ).all()
+
+    def position(self, chat: Chat) -> int:
+        """The place of a waiting chat in the queue (1 is next), else 0."""
+        if chat.state != ChatState.waiting:
+            return 0
+        ahead = self.session.scalar(
+            select(func.count())
+            .select_from(Chat)
+            .where(Chat.application_id == self.application_id)
+            .where(Chat.state == ChatState.waiting)
+            .where(Chat.created < chat.created)
+        )
+        return int(ahead or 0) + 1
 
     def active(self, staff_id: int | None = None) -> Sequence[Chat]:
         query = self._query().where(Chat.state == ChatState.active)

@@ -97,6 +97,7 @@ class Chat(Base):
             'state': self.state.value,
             'staff_name': self.staff_name,
             'created': self.created.isoformat(),
+            'last_seq': self.last_seq,
         }
 
 
