@@ -225,6 +225,9 @@ class ChatServer:
             logger=RedactingLogger(logging.getLogger('websockets.server')),
             server_header=None,
         )
+        if self.service is not None:
+            self.service.address = f'{host}:{self.bound_port()}'
+            await self.service.report_status()
         return self.server
 
     def bound_port(self) -> int:

@@ -19,6 +19,8 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -259,6 +261,11 @@ class ChatService:
         )
         self.chat_locks: dict[str, asyncio.Lock] = {}
         self.liveness: asyncio.Task[None] | None = None
+
+        #: Who this replica is, for ``onegov-chat status``.
+        self.replica = secrets.token_hex(6)
+        self.address = ''
+        self.started = time.time()
 
     # Plumbing ----------------------------------------------------------
 
@@ -771,7 +778,30 @@ class ChatService:
             except Exception:
                 logger.error('event=liveness_failed', exc_info=True)
 
+    async def report_status(self) -> None:
+        """Tell ``onegov-chat status`` what this replica serves."""
+        connections: dict[str, dict[str, int]] = {}
+        for client in self.clients:
+            roles = connections.setdefault(client.tenant, {})
+            roles[client.role] = roles.get(client.role, 0) + 1
+        status = {
+            'replica': self.replica,
+            'address': self.address,
+            'pid': os.getpid(),
+            'started': self.started,
+            'updated': time.time(),
+            'connections': connections,
+        }
+        try:
+            await asyncio.to_thread(
+                self.store.put_status, self.replica, status,
+                max(3 * self.config.liveness_interval, 5),
+            )
+        except SessionStoreError:
+            logger.warning('event=status_report_failed')
+
     async def sweep(self) -> None:
+        await self.report_status()
         await self.check_sessions()
         for tenant in list(self.hub.staff):
             await self.share_presence(tenant)

@@ -129,6 +129,14 @@ class SessionStore(ABC):
     def ping(self) -> None:
         """Raise `SessionStoreError` unless the store answers."""
 
+    @abstractmethod
+    def put_status(self, replica: str, status: Any, ttl: float) -> None:
+        """Keep what a server replica reports about itself, for `ttl`."""
+
+    @abstractmethod
+    def statuses(self) -> list[Any]:
+        """What the running replicas reported, newest first."""
+
     def close(self) -> None:  # noqa: B027 (optional to override)
         """Release connections."""
 
@@ -166,6 +174,7 @@ class MemoryStore(SessionStore):
         super().__init__(ttl)
         self._lock = threading.Lock()
         self._data: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
+        self._status: dict[str, tuple[float, Any]] = {}
 
     def _live(self, namespace: str, session_id: str) -> dict[str, str]:
         expires, data = self._data.get((namespace, session_id), (0.0, {}))
@@ -205,6 +214,18 @@ class MemoryStore(SessionStore):
     def ping(self) -> None:
         return None
 
+    def put_status(self, replica: str, status: Any, ttl: float) -> None:
+        with self._lock:
+            self._status[replica] = (time.time() + ttl, status)
+
+    def statuses(self) -> list[Any]:
+        now = time.time()
+        with self._lock:
+            return [
+                status for expires, status in self._status.values()
+                if expires > now
+            ]
+
 
 class SQLiteStore(SessionStore):
     """A store in a SQLite file, shared by every process on the machine.
@@ -231,6 +252,13 @@ class SQLiteStore(SessionStore):
                 ' expires REAL NOT NULL,'
                 ' PRIMARY KEY (namespace, session_id, key)'
                 ') WITHOUT ROWID'
+            )
+            connection.execute(
+                'CREATE TABLE IF NOT EXISTS replica_status ('
+                ' replica TEXT PRIMARY KEY,'
+                ' status TEXT NOT NULL,'
+                ' expires REAL NOT NULL'
+                ')'
             )
 
     def _connection(self) -> sqlite3.Connection:
@@ -322,6 +350,30 @@ class SQLiteStore(SessionStore):
             self._connection().execute('SELECT 1').fetchone()
         except sqlite3.Error as exc:
             raise SessionStoreError('session store failed') from exc
+
+    def put_status(self, replica: str, status: Any, ttl: float) -> None:
+        now = time.time()
+        with self._transaction() as connection:
+            connection.execute(
+                'INSERT INTO replica_status VALUES (?, ?, ?)'
+                ' ON CONFLICT DO UPDATE SET'
+                ' status = excluded.status, expires = excluded.expires',
+                (replica, _encode(status), now + ttl),
+            )
+            connection.execute(
+                'DELETE FROM replica_status WHERE expires <= ?', (now,)
+            )
+
+    def statuses(self) -> list[Any]:
+        try:
+            rows = self._connection().execute(
+                'SELECT status FROM replica_status WHERE expires > ?'
+                ' ORDER BY expires DESC',
+                (time.time(),),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise SessionStoreError('session store failed') from exc
+        return [_decode(row[0]) for row in rows]
 
     def close(self) -> None:
         connection = getattr(self._local, 'connection', None)
@@ -429,6 +481,23 @@ class RedisStore(SessionStore):
             self.client.ping()
         except self._errors as exc:
             raise SessionStoreError('session store failed') from exc
+
+    def put_status(self, replica: str, status: Any, ttl: float) -> None:
+        try:
+            self.client.set(
+                f'{self.prefix}-replica:{replica}', _encode(status),
+                ex=max(1, int(ttl)),
+            )
+        except self._errors as exc:
+            raise SessionStoreError('session store failed') from exc
+
+    def statuses(self) -> list[Any]:
+        try:
+            keys = list(self.client.scan_iter(f'{self.prefix}-replica:*'))
+            values = self.client.mget(keys) if keys else []
+        except self._errors as exc:
+            raise SessionStoreError('session store failed') from exc
+        return [_decode(value) for value in values if value is not None]
 
     def close(self) -> None:
         self.client.close()
