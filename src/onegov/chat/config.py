@@ -10,9 +10,11 @@ wrong and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,18 +131,33 @@ def _number(key: str, value: Any) -> float | int:
 
 
 def load_secret(data_dir: str) -> str:
-    """Return the secret kept in `data_dir`, creating it on first use."""
+    """Return the secret kept in `data_dir`, creating it on first use.
+
+    The secret is written to a temporary file first and then linked into
+    place, so that two processes starting at once never read a file that
+    is not written yet: one link wins, the other reads its secret.
+
+    """
     path = os.path.join(data_dir, 'identity_secret')
     os.makedirs(data_dir, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, encoding='ascii') as handle:
-            return handle.read().strip()
-    with os.fdopen(fd, 'w', encoding='ascii') as handle:
-        secret = secrets.token_hex(32)
-        handle.write(secret)
-        return secret
+    if not os.path.exists(path):
+        fd, temporary = tempfile.mkstemp(dir=data_dir, prefix='.secret-')
+        try:
+            with os.fdopen(fd, 'w', encoding='ascii') as handle:
+                handle.write(secrets.token_hex(32))
+            os.chmod(temporary, 0o600)
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+
+    with open(path, encoding='ascii') as handle:
+        secret = handle.read().strip()
+    if not secret:
+        raise ConfigError(
+            f'{path} is empty; remove it to have a new secret generated'
+        )
+    return secret
 
 
 def build_config(

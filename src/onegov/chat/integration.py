@@ -112,9 +112,14 @@ class ChatApp(morepath.App):
         if websocket_url is not None:
             parts = urlsplit(websocket_url) if isinstance(
                 websocket_url, str) else None
-            if parts is None or parts.scheme not in ('ws', 'wss') or (
-                not parts.hostname or parts.query or parts.fragment
-            ):
+            try:
+                # Reading the port checks it (range, digits).
+                valid = parts is not None and parts.port != 0
+            except ValueError:
+                valid = False
+            if not valid or parts is None or parts.scheme not in (
+                'ws', 'wss'
+            ) or not parts.hostname or parts.query or parts.fragment:
                 raise ValueError(
                     'websocket_url must look like wss://host[:port]/path, '
                     'without a query string'
