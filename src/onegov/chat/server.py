@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,6 +60,17 @@ class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
     def log(self, level: int, msg: object, *args: Any, **kw: Any) -> None:
         if not self.isEnabledFor(level):
             return
+        exc_info = kw.pop('exc_info', None)
+        if exc_info:
+            # An exception's message may quote the raw request line or a
+            # header (a parse error does): keep only its type.
+            if exc_info is True:
+                exc_info = sys.exc_info()[1]
+            name = type(exc_info).__name__ if isinstance(
+                exc_info, BaseException
+            ) else 'error'
+            msg = f'{msg} (%s)'
+            args = (*args, name)
         if (
             len(args) == 2
             and isinstance(args[0], str)
@@ -133,14 +145,7 @@ class ChatServer:
                 headers.get_all('Cookie'),
             )
         except HandshakeRefused as refusal:
-            logger.info(
-                'event=handshake_refused reason=%s status=%d peer=%s',
-                refusal.reason, refusal.status, peer_of(connection),
-            )
-            self.metrics.handshakes.labels('refused', refusal.reason).inc()
-            if refusal.reason == 'token_expired':
-                self.metrics.tokens_expired.inc()
-            return connection.respond(refusal.status, f'{refusal.text}\n')
+            return self.refuse(connection, refusal)
 
         self.metrics.handshakes.labels('admitted', '').inc()
         self.metrics.tokens_consumed.inc()
@@ -151,11 +156,33 @@ class ChatServer:
         )
         return None
 
+    def refuse(
+        self, connection: ServerConnection, refusal: HandshakeRefused
+    ) -> Response:
+        """Log a refusal with its reason and answer with its status."""
+        logger.info(
+            'event=handshake_refused reason=%s status=%d peer=%s',
+            refusal.reason, refusal.status, peer_of(connection),
+        )
+        self.metrics.handshakes.labels('refused', refusal.reason).inc()
+        if refusal.reason == 'token_expired':
+            self.metrics.tokens_expired.inc()
+        return connection.respond(refusal.status, f'{refusal.text}\n')
+
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         """Answer the plain HTTP requests: health and metrics."""
         path = request.path.partition('?')[0]
+        if path not in (HEALTH_PATH, METRICS_PATH):
+            # The origin first, before the library's own checks, so that
+            # a refusal names the reason (two Origin headers, say); it
+            # consumes nothing.
+            try:
+                self.checker.check_origin(request.headers.get_all('Origin'))
+            except HandshakeRefused as refusal:
+                return self.refuse(connection, refusal)
+            return None
         if path == HEALTH_PATH:
             failed = await self.health()
             if failed:
