@@ -158,7 +158,9 @@ def get_archived_chat(chat_id: str) -> ArchivedChat:
 def view_start(
     self: CustomerStart, request: morepath.Request
 ) -> morepath.Response:
-    return render(request, 'start.html', errors={}, values={})
+    return render(
+        request, 'start.html', page='start', errors={}, values={}
+    )
 
 
 @ChatApp.view(model=CustomerStart, request_method='POST')
@@ -181,7 +183,8 @@ def start_chat(
         errors['topic'] = 'Please say what it is about (up to 200 characters).'
     if errors:
         return render(
-            request, 'start.html', status=400, errors=errors, values=values
+            request, 'start.html', status=400, page='start', errors=errors,
+            values=values,
         )
 
     chat = chats(request).add(
@@ -207,7 +210,9 @@ def view_conversation(
 
 @ChatApp.view(model=Login, request_method='GET')
 def view_login(self: Login, request: morepath.Request) -> morepath.Response:
-    return render(request, 'login.html', error=None, username='')
+    return render(
+        request, 'login.html', page='login', error=None, username=''
+    )
 
 
 @ChatApp.view(model=Login, request_method='POST')
@@ -226,7 +231,7 @@ def login(self: Login, request: morepath.Request) -> morepath.Response:
         burn_password_check(password)
     if user is None or not user.check_password(password):
         return render(
-            request, 'login.html', status=401,
+            request, 'login.html', status=401, page='login',
             error='Unknown user name or wrong password.', username=username,
         )
 
@@ -255,7 +260,7 @@ def view_dashboard(
     session = request.browser_session
     collection = chats(request)
     return render(
-        request, 'dashboard.html',
+        request, 'dashboard.html', page='dashboard',
         waiting=collection.waiting(),
         active=collection.active(session['user_id']),
     )
@@ -267,7 +272,8 @@ def view_archive(
 ) -> morepath.Response:
     require_staff(request)
     return render(
-        request, 'archive.html', chats=chats(request).archived(),
+        request, 'archive.html', page='archive',
+        chats=chats(request).archived(),
         ArchivedChat=ArchivedChat,
     )
 
@@ -280,4 +286,4 @@ def view_archived_chat(
     chat: Chat | None = chats(request).by_id(self.chat_id)
     if chat is None or chat.state != 'ended':
         return render(request, 'not_found.html', status=404)
-    return render(request, 'transcript.html', chat=chat)
+    return render(request, 'transcript.html', page='archive', chat=chat)
