@@ -152,12 +152,14 @@ class ChatCollection:
 
 
 def find_message(
-    session: Session, chat_id: str, client_id: str
+    session: Session, chat_id: str, role: str, client_id: str
 ) -> dict[str, Any] | None:
-    """Return the message `client_id` of the chat, if it was stored."""
+    """Return the message `client_id` of the chat's `role` side, if it
+    was stored."""
     row = session.scalars(
         select(Message)
         .where(Message.chat_id == chat_id)
+        .where(Message.role == role)
         .where(Message.client_id == client_id)
     ).one_or_none()
     return row.as_dict() if row is not None else None
@@ -173,13 +175,14 @@ def store_message(
 ) -> StoredMessage | None:
     """Store a message in its own transaction; None if the chat is closed.
 
-    A message whose `client_id` is known is not stored again: the stored
-    one is returned, marked as duplicate. The next sequence number is
-    taken with an ``UPDATE ... RETURNING`` on the chat row, which locks
-    it until the commit, so numbers are gap-free across processes.
+    A message whose `client_id` is known from the same side (`role`) is
+    not stored again: the stored one is returned, marked as duplicate.
+    The next sequence number is taken with an ``UPDATE ... RETURNING`` on
+    the chat row, which locks it until the commit, so numbers are
+    gap-free across processes.
 
     """
-    known = find_message(session, chat_id, client_id)
+    known = find_message(session, chat_id, role, client_id)
     if known is not None:
         session.rollback()
         return StoredMessage(known, duplicate=True)
@@ -205,7 +208,7 @@ def store_message(
     except IntegrityError:
         # The same client id, stored a moment ago by another process.
         session.rollback()
-        known = find_message(session, chat_id, client_id)
+        known = find_message(session, chat_id, role, client_id)
         if known is None:
             raise
         return StoredMessage(known, duplicate=True)

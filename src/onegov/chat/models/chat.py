@@ -107,7 +107,9 @@ class Message(Base):
     __tablename__ = 'chat_messages'
     __table_args__ = (
         UniqueConstraint('chat_id', 'seq'),
-        UniqueConstraint('chat_id', 'client_id'),
+        # Each side picks its own message ids: the same id from the
+        # customer and from staff are two messages.
+        UniqueConstraint('chat_id', 'role', 'client_id'),
     )
 
     #: The primary key.
@@ -129,7 +131,7 @@ class Message(Base):
     #: The text exactly as sent; it is escaped where it is rendered.
     text: Mapped[str] = mapped_column(Text)
 
-    #: The id the client gave the message, to store a re-sent one once.
+    #: The id the sender gave the message, to store a re-sent one once.
     client_id: Mapped[str] = mapped_column(String(64))
 
     #: When the server stored the message.
