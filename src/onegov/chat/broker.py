@@ -216,11 +216,8 @@ class RedisBroker(LocalBroker):
             self.active = set()
             try:
                 await pubsub.ping()
-                if recovering:
-                    logger.info('event=broker_reconnected')
-                    self.on_resync()
-                self.healthy, recovering, delay = True, False, 0.1
-                await self.pump(pubsub)
+                self.healthy, delay = True, 0.1
+                await self.pump(pubsub, resync=recovering)
             except (redis.RedisError, OSError):
                 if self.healthy or not recovering:
                     logger.warning('event=broker_unavailable')
@@ -231,7 +228,7 @@ class RedisBroker(LocalBroker):
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def pump(self, pubsub: Any) -> None:
+    async def pump(self, pubsub: Any, resync: bool = False) -> None:
         pending: set[str] = set()
         while True:
             missing = self.wanted - self.active - pending
@@ -242,6 +239,16 @@ class RedisBroker(LocalBroker):
             if extra:
                 await pubsub.unsubscribe(*extra)
                 self.active -= extra
+
+            if resync and not pending:
+                # Catch up only once Redis confirmed every subscription
+                # again: what is published from now on arrives live, and
+                # what came before is in the database. Catching up first
+                # would miss what is published in between, until the
+                # chat's next message shows the gap.
+                resync = False
+                logger.info('event=broker_reconnected')
+                self.on_resync()
 
             if not pubsub.subscribed:
                 await asyncio.sleep(0.05)

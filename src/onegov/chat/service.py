@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from websockets.asyncio.server import ServerConnection
@@ -246,7 +247,7 @@ class ChatService:
         self.broker.on_staff = self.on_staff_event
         self.broker.on_resync = self.resync
         engine = create_database_engine(config.dsn)
-        Base.metadata.create_all(engine)
+        create_tables(engine)
         self.engine = engine
         self.db: sessionmaker[Session] = sessionmaker(
             bind=engine, expire_on_commit=False
@@ -464,8 +465,7 @@ class ChatService:
                 if client.closing:
                     return
                 if isinstance(frame, bytes):
-                    client.closing = True
-                    await connection.close(
+                    client.close(
                         Close.UNSUPPORTED_DATA, 'binary frames not accepted'
                     )
                     return
@@ -611,12 +611,15 @@ class ChatService:
         def store(session: Session) -> StoredMessage | str:
             # Check and store in one trip to the database thread.
             chat = ChatCollection(session, tenant).by_id(chat_id)
-            if chat is None or (is_staff and chat.staff_id != user_id):
+            if chat is None:
+                return 'not_found'
+            if is_staff and chat.state == ChatState.waiting:
+                # Every staff member of the tenant sees waiting chats.
+                return 'not_active'
+            if is_staff and chat.staff_id != user_id:
                 return 'not_found'
             if chat.state == ChatState.ended:
                 return 'chat_ended'
-            if is_staff and chat.state != ChatState.active:
-                return 'not_active'
             stored = store_message(
                 session, chat_id, 'staff' if is_staff else 'customer',
                 staff_name if is_staff else chat.customer_name,
@@ -775,6 +778,13 @@ class ChatService:
             await asyncio.sleep(self.config.liveness_interval)
             try:
                 await self.sweep()
+            except (OSError, SQLAlchemyError, SessionStoreError):
+                # The database or the store is down: an outage, not a
+                # bug of ours (no ERROR, no traceback per sweep); the
+                # next sweep tries again.
+                logger.warning(
+                    'event=liveness_skipped reason=backend_unavailable'
+                )
             except Exception:
                 logger.error('event=liveness_failed', exc_info=True)
 
@@ -866,6 +876,32 @@ _REFUSALS = {
     'chat_ended': ('chat_ended', 'the chat has ended'),
     'not_active': ('forbidden', 'accept the chat first'),
 }
+
+
+#: The key of the PostgreSQL advisory lock held while creating tables.
+_SCHEMA_LOCK = 0x6F6E65676F76
+
+
+def create_tables(engine: Engine) -> None:
+    """Create the missing tables, safely when replicas start together.
+
+    ``create_all`` looks, then creates: two replicas starting at once on
+    a fresh PostgreSQL database both find a table missing, and the
+    second ``CREATE TABLE`` fails with a unique violation, so that
+    replica exits. A transaction-level advisory lock lets one look and
+    create at a time; DDL is transactional there, so the next one finds
+    the tables. SQLite serializes the transactions by itself.
+
+    """
+    from sqlalchemy import text
+
+    with engine.begin() as connection:
+        if connection.dialect.name == 'postgresql':
+            connection.execute(
+                text('SELECT pg_advisory_xact_lock(:key)'),
+                {'key': _SCHEMA_LOCK},
+            )
+        Base.metadata.create_all(connection)
 
 
 def _still_valid(principal: Principal, data: dict[str, Any]) -> bool:
