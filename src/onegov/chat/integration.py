@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import morepath
+from prometheus_client import Counter
 from sqlalchemy.orm import Session
 
 from onegov.chat.security import (
@@ -33,6 +34,14 @@ from onegov.chat.security import (
 
 #: The path of the websocket endpoint on the chat server.
 WEBSOCKET_PATH = '/chats'
+
+#: Tokens issued by this web app process. It lives in the default
+#: Prometheus registry, which the host application exports as it exports
+#: its own metrics; the websocket server counts the tokens consumed.
+TOKENS_ISSUED = Counter(
+    'onegov_chat_tokens_issued_total',
+    'One-time websocket tokens issued by the web app.',
+)
 
 
 class ChatRequestMixin:
@@ -54,6 +63,7 @@ class ChatRequestMixin:
         store_websocket_token(
             self.browser_session, token, ttl=self.app.chat_token_ttl
         )
+        TOKENS_ISSUED.inc()
         return token
 
 
