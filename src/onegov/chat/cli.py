@@ -187,6 +187,7 @@ def check_config(ctx: click.Context, offline: bool) -> None:
         config_problems,
         origin_problems,
         secret_problems,
+        unknown_key_problems,
     )
 
     path = ctx.obj['config_path']
@@ -205,7 +206,10 @@ def check_config(ctx: click.Context, offline: bool) -> None:
         raise click.UsageError(f'{path} must hold a mapping')
 
     if offline:
-        problems = secret_problems(values) + origin_problems(values)
+        problems = (
+            secret_problems(values) + origin_problems(values)
+            + unknown_key_problems(values)
+        )
     else:
         problems = config_problems(values)
     for problem in problems:

@@ -250,6 +250,17 @@ def validate(config: Config) -> None:
         config.origin_policy  # noqa: B018 (validates)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not config.session_store.startswith(
+        ('sqlite:///', 'redis://', 'rediss://', 'unix://', 'memory://')
+    ):
+        raise ConfigError(
+            'session_store must start with sqlite:///, redis:// or rediss://'
+        )
+    if '://' not in config.dsn:
+        raise ConfigError(
+            'dsn must be a database URL such as sqlite:///chat.db or '
+            'postgresql+psycopg://user@host/db'
+        )
     broker = config.broker
     if broker is not None and not broker.startswith(
         ('redis://', 'rediss://', 'unix://')

@@ -20,6 +20,9 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 def create_database_engine(dsn: str) -> Engine:
     """Return an engine for `dsn`, tuned for several processes at once.
 
+    Query parameters are kept out of SQLAlchemy's error messages: they
+    hold chat text and customer names, which must not reach a log.
+
     Raises:
         ValueError: if `dsn` is not a database URL.
 
@@ -35,13 +38,14 @@ def create_database_engine(dsn: str) -> Engine:
         if path and path != dsn and not path.startswith(':'):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         engine = create_engine(
-            dsn, connect_args={'timeout': 30, 'check_same_thread': False}
+            dsn, connect_args={'timeout': 30, 'check_same_thread': False},
+            hide_parameters=True,
         )
         event.listen(engine, 'connect', _sqlite_pragmas)
         event.listen(engine, 'begin', _sqlite_begin)
         return engine
 
-    return create_engine(dsn, pool_pre_ping=True)
+    return create_engine(dsn, pool_pre_ping=True, hide_parameters=True)
 
 
 def _sqlite_pragmas(connection: Any, record: Any) -> None:

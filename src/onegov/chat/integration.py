@@ -81,6 +81,7 @@ class ChatApp(morepath.App):
     chat_websocket_url: str | None = None
     chat_websocket_port: int = 8765
     chat_token_ttl: float = DEFAULT_TOKEN_TTL
+    chat_max_text_length: int = 4000
     chat_origin_policy: OriginPolicy = OriginPolicy()
     _chat_tables_ready = False
 
@@ -99,6 +100,7 @@ class ChatApp(morepath.App):
         allowed_origin_patterns: Iterable[str] = (),
         allow_missing_origin: bool = False,
         token_ttl: float = DEFAULT_TOKEN_TTL,
+        max_text_length: int = 4000,
         **cfg: Any,
     ) -> None:
         """Take the websocket settings.
@@ -114,6 +116,8 @@ class ChatApp(morepath.App):
                 the whole origin.
             allow_missing_origin: admit handshakes without an origin.
             token_ttl: how long a token is good for, in seconds.
+            max_text_length: the longest message, in characters (the
+                server enforces it; the pages tell the browser).
 
         Raises:
             ValueError: for any setting that is wrong.
@@ -151,6 +155,11 @@ class ChatApp(morepath.App):
         self.chat_websocket_url = websocket_url
         self.chat_websocket_port = websocket_port
         self.chat_token_ttl = float(token_ttl)
+        if isinstance(max_text_length, bool) or not isinstance(
+            max_text_length, int
+        ) or max_text_length < 1:
+            raise ValueError('max_text_length must be a positive number')
+        self.chat_max_text_length = max_text_length
 
     def chat_db(self) -> Session:
         """The host's database session, with the chat's tables in it."""

@@ -131,11 +131,37 @@ def reachability_problems(config: Config) -> list[str]:
     return problems
 
 
+def unknown_key_problems(values: Mapping[str, Any]) -> list[str]:
+    """Keys that look like a misspelt setting of onegov.chat.
+
+    Other unknown keys are left alone: they are the host application's
+    own settings, passed on to its ``configure_*`` hooks.
+
+    """
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(Config) if f.name != 'extra']
+    problems = []
+    for key in values:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            problems.append(
+                f'{key}: unknown setting, did you mean {close[0]}?'
+            )
+    return problems
+
+
 def config_problems(
     values: Mapping[str, Any], data_dir: str | None = None
 ) -> list[str]:
     """Every problem of a configuration, one line each; empty if none."""
-    problems = secret_problems(values) + origin_problems(values)
+    problems = (
+        secret_problems(values) + origin_problems(values)
+        + unknown_key_problems(values)
+    )
 
     # What was reported above is left out of the strict check below,
     # which stops at its first error.

@@ -1,10 +1,11 @@
 """``onegov-chat serve``: the websocket server in front of the chat.
 
-The server admits a connection only after `HandshakeChecker` said yes,
-and only once the websockets library has found the request to be a
-valid websocket handshake: the checks run in ``process_response``, after
-the library's own validation, so a request it refuses anyway (no
-``Upgrade`` header, a wrong version or method) never consumes a token.
+The origin is checked first, in ``process_request``, for every path but
+the health check and the metrics: that check consumes nothing. The
+other checks run in ``process_response``, once the websockets library
+has found the request to be a valid websocket handshake, so a request it
+refuses anyway (no ``Upgrade`` header, a wrong version or method) never
+consumes a token.
 
 """
 

@@ -39,6 +39,7 @@ def render(
     ))
     app: Any = request.app
     context.setdefault('websocket_url', app.websocket_endpoint(request))
+    context.setdefault('max_text_length', app.chat_max_text_length)
     body = _templates.get_template(name).render(request=request, **context)
     return morepath.Response(
         body=body, status=status, content_type='text/html', charset='utf-8'

@@ -7,6 +7,10 @@
 // The close codes after which to reconnect (protocol.Close.RETRY).
 export const RETRY = new Set([1001, 1006, 1011, 1012, 1013, 4002]);
 
+// Consecutive attempts without a hello after which to give up (about
+// seven minutes with the back-off below).
+const GIVE_UP = 30;
+
 // What to tell the reader when the server closed for good.
 const STOPPED = new Map([
   [1000, 'The connection was closed.'],
@@ -207,6 +211,13 @@ export class Connection {
   }
 
   retry() {
+    // A refused handshake looks like any lost connection (1006) to a
+    // page; do not knock for ever on a door that stays shut.
+    if (this.attempt >= GIVE_UP) {
+      this.stop(0, 'Cannot reach the chat server. Reload the page to ' +
+        'try again.');
+      return;
+    }
     const delay = backoff(this.attempt);
     this.attempt += 1;
     const seconds = Math.max(1, Math.round(delay / 1000));
