@@ -34,6 +34,10 @@ ChatHandler = Callable[[str, int | None, str], None]
 StaffHandler = Callable[[str, str], None]
 
 
+#: Seconds between pings on an idle pub/sub connection.
+KEEPALIVE = 5.0
+
+
 class BrokerUnavailable(Exception):
     """Raised when the broker cannot be reached."""
 
@@ -115,9 +119,18 @@ class RedisBroker(LocalBroker):
     def __init__(self, url: str, prefix: str = 'onegov.chat') -> None:
         super().__init__()
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.redis = redis.asyncio.Redis.from_url(
             url, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
+        # The subscriptions get a client of their own that never retries
+        # by itself: a reconnect must go through `listen`, which catches
+        # every followed chat up once the subscriptions are back.
+        self.listener = redis.asyncio.Redis.from_url(
+            url, socket_timeout=5.0, socket_connect_timeout=5.0,
+            retry=Retry(NoBackoff(), 0),
         )
         self.prefix = prefix
 
@@ -129,6 +142,7 @@ class RedisBroker(LocalBroker):
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.task: asyncio.Task[None] | None = None
         self.healthy = False
+        self.publishing = True
 
     def chat_channel(self, chat_id: str) -> str:
         return f'{self.prefix}:chat:{chat_id}'
@@ -145,6 +159,7 @@ class RedisBroker(LocalBroker):
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         await self.redis.aclose()
+        await self.listener.aclose()
 
     async def ping(self) -> None:
         import redis
@@ -162,7 +177,12 @@ class RedisBroker(LocalBroker):
         except (redis.RedisError, OSError):
             # The others will find the message in the database when they
             # resume or notice the gap; nothing acknowledged is lost.
-            logger.warning('event=broker_publish_failed')
+            # Logged once per outage, not once per message.
+            if self.publishing:
+                logger.warning('event=broker_publish_failed')
+            self.publishing = False
+        else:
+            self.publishing = True
 
     async def publish_chat(
         self, chat_id: str, seq: int | None, payload: str
@@ -212,7 +232,7 @@ class RedisBroker(LocalBroker):
         delay = 0.1
         recovering = False
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = self.listener.pubsub()
             self.active = set()
             try:
                 await pubsub.ping()
@@ -229,7 +249,10 @@ class RedisBroker(LocalBroker):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def pump(self, pubsub: Any, resync: bool = False) -> None:
+        import redis
+
         pending: set[str] = set()
+        pinged = heard = time.monotonic()
         while True:
             missing = self.wanted - self.active - pending
             if missing:
@@ -252,10 +275,24 @@ class RedisBroker(LocalBroker):
 
             if not pubsub.subscribed:
                 await asyncio.sleep(0.05)
+                heard = time.monotonic()
                 continue
+
+            # A connection that died without a word (no reset) shows only
+            # by its silence: ping now and then, and give up on it when
+            # not even the pong comes back.
+            now = time.monotonic()
+            if now - heard > 3 * KEEPALIVE:
+                raise redis.ConnectionError('the pub/sub connection is silent')
+            if now - pinged > KEEPALIVE:
+                pinged = now
+                await pubsub.ping()
 
             message = await pubsub.get_message(timeout=0.05)
             if message is None:
+                continue
+            heard = time.monotonic()
+            if message['type'] not in ('subscribe', 'message'):
                 continue
             channel = message['channel']
             if isinstance(channel, bytes):

@@ -165,11 +165,10 @@ def add_user(
 
 
 def _database(config: Config) -> Any:
-    from onegov.chat.database import session_factory
-    from onegov.chat.models import Base
+    from onegov.chat.database import create_tables, session_factory
 
     factory = session_factory(config.dsn)
-    Base.metadata.create_all(factory.kw['bind'])
+    create_tables(factory.kw['bind'])
     return factory
 
 

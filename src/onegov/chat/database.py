@@ -80,3 +80,32 @@ def session_factory(dsn: str) -> sessionmaker[Session]:
     return sessionmaker(
         bind=create_database_engine(dsn), expire_on_commit=False
     )
+
+
+#: The key of the PostgreSQL advisory lock held while creating tables.
+_SCHEMA_LOCK = 0x6F6E65676F76
+
+
+def create_tables(engine: Engine) -> None:
+    """Create the chat's missing tables, safely when processes start
+    together.
+
+    ``create_all`` looks, then creates: two replicas (or a replica and
+    the web app) starting at once on a fresh PostgreSQL database both
+    find a table missing, and the second ``CREATE TABLE`` fails with a
+    unique violation. A transaction-level advisory lock lets one look and
+    create at a time; DDL is transactional there, so the next one finds
+    the tables. SQLite serializes the transactions by itself.
+
+    """
+    from sqlalchemy import text
+
+    from onegov.chat.models import Base
+
+    with engine.begin() as connection:
+        if connection.dialect.name == 'postgresql':
+            connection.execute(
+                text('SELECT pg_advisory_xact_lock(:key)'),
+                {'key': _SCHEMA_LOCK},
+            )
+        Base.metadata.create_all(connection)

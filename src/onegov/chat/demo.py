@@ -113,15 +113,14 @@ def ensure_demo_account(config: Config) -> DemoAccount:
 
     """
     from onegov.chat.collections import UserCollection
-    from onegov.chat.database import session_factory
-    from onegov.chat.models import Base
+    from onegov.chat.database import create_tables, session_factory
 
     password, path = load_password(config.data_dir)
 
     factory = session_factory(config.dsn)
     engine = factory.kw['bind']
     try:
-        Base.metadata.create_all(engine)
+        create_tables(engine)
         with factory() as session:
             users = UserCollection(session, config.application_id)
             user = users.by_username(STAFF_USERNAME)

@@ -165,9 +165,9 @@ class ChatApp(morepath.App):
         """The host's database session, with the chat's tables in it."""
         session: Session = self.db()  # type: ignore[attr-defined]
         if not self._chat_tables_ready:
-            from onegov.chat.models import Base
+            from onegov.chat.database import create_tables
 
-            Base.metadata.create_all(session.get_bind())
+            create_tables(session.get_bind())  # type: ignore[arg-type]
             self._chat_tables_ready = True
         return session
 

@@ -39,6 +39,8 @@ class Close:
     #: A frame was larger than ``max_size``; do not reconnect (set by
     #: the websockets library).
     TOO_BIG = 1009
+    #: The server cannot serve now (its database is down); reconnect.
+    TRY_AGAIN_LATER = 1013
     #: The session ended: logged out, expired, or its role changed; do
     #: not reconnect without logging in again.
     SESSION_ENDED = 4000

@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from websockets.asyncio.server import ServerConnection
@@ -44,7 +43,7 @@ from onegov.chat.collections.chats import (
 from onegov.chat.config import Config
 from onegov.chat.handshake import Principal
 from onegov.chat.metrics import Metrics
-from onegov.chat.models import Base, ChatState
+from onegov.chat.models import ChatState
 from onegov.chat.protocol import (
     PROTOCOL_VERSION,
     STAFF_COMMANDS,
@@ -237,7 +236,10 @@ class ChatService:
         metrics: Metrics | None = None,
         broker: LocalBroker | None = None,
     ) -> None:
-        from onegov.chat.database import create_database_engine
+        from onegov.chat.database import (
+            create_database_engine,
+            create_tables,
+        )
 
         self.config = config
         self.store = store
@@ -341,7 +343,18 @@ class ChatService:
             client.write()
         )
         try:
-            if await self.greet(client):
+            try:
+                greeted = await self.greet(client)
+            except (SessionStoreError, OSError, SQLAlchemyError):
+                # The database is down: an outage, not a bug. Ask the
+                # client to come back later (1013 is a "retry" code).
+                logger.warning(
+                    'event=backend_unavailable tenant=%s role=%s',
+                    client.tenant, client.role,
+                )
+                client.close(Close.TRY_AGAIN_LATER, 'try again later')
+                greeted = False
+            if greeted:
                 await self.read(client)
         finally:
             gauge.dec()
@@ -498,8 +511,7 @@ class ChatService:
             # The database or the store is down: nothing was stored or
             # acknowledged, and the client keeps what it sent.
             logger.warning(
-                'event=backend_unavailable tenant=%s', client.tenant,
-                exc_info=True,
+                'event=backend_unavailable tenant=%s', client.tenant
             )
             client.reply({
                 'type': 'error', 'code': 'unavailable',
@@ -630,9 +642,12 @@ class ChatService:
         async with self.chat_lock(chat_id):
             try:
                 stored = await self.run_db(store)
-            except (OSError, SQLAlchemyError):
+            except (OSError, SQLAlchemyError) as error:
+                # No traceback: during an outage this happens for every
+                # message, and the exception says nothing new.
                 logger.warning(
-                    'event=store_failed chat=%s', chat_id, exc_info=True
+                    'event=store_failed chat=%s error=%s',
+                    chat_id, type(error).__name__,
                 )
                 raise ProtocolError(
                     'unavailable', 'the message was not stored, send it '
@@ -648,12 +663,19 @@ class ChatService:
                 'client_id': message['client_id'], 'seq': message['seq'],
                 'duplicate': stored.duplicate,
             })
-            if not stored.duplicate:
-                self.metrics.messages_stored.inc()
+            if stored.duplicate:
+                # Publish a duplicate again: the replica that stored it
+                # first may have died before publishing it (the client
+                # saw no ack, so it sent it again), and the members
+                # would miss it until the chat's next message. Members
+                # drop what they have already (`deliver`).
                 await self.publish(chat_id, message)
-                self.metrics.delivery_latency.observe(
-                    time.perf_counter() - received
-                )
+                return
+            self.metrics.messages_stored.inc()
+            await self.publish(chat_id, message)
+            self.metrics.delivery_latency.observe(
+                time.perf_counter() - received
+            )
 
     async def publish(self, chat_id: str, message: dict[str, Any]) -> None:
         """Hand a stored message to every member, here and elsewhere."""
@@ -728,7 +750,7 @@ class ChatService:
         won, chat = outcome
         if not won:
             raise ProtocolError(
-                'conflict', 'the chat was taken by someone else', chat_id
+                'conflict', 'the chat is no longer waiting', chat_id
             )
 
         logger.info(
@@ -878,35 +900,10 @@ _REFUSALS = {
 }
 
 
-#: The key of the PostgreSQL advisory lock held while creating tables.
-_SCHEMA_LOCK = 0x6F6E65676F76
-
-
-def create_tables(engine: Engine) -> None:
-    """Create the missing tables, safely when replicas start together.
-
-    ``create_all`` looks, then creates: two replicas starting at once on
-    a fresh PostgreSQL database both find a table missing, and the
-    second ``CREATE TABLE`` fails with a unique violation, so that
-    replica exits. A transaction-level advisory lock lets one look and
-    create at a time; DDL is transactional there, so the next one finds
-    the tables. SQLite serializes the transactions by itself.
-
-    """
-    from sqlalchemy import text
-
-    with engine.begin() as connection:
-        if connection.dialect.name == 'postgresql':
-            connection.execute(
-                text('SELECT pg_advisory_xact_lock(:key)'),
-                {'key': _SCHEMA_LOCK},
-            )
-        Base.metadata.create_all(connection)
-
-
 def _still_valid(principal: Principal, data: dict[str, Any]) -> bool:
-    if not data:
-        return False
+    # A session that was empty at the handshake (a visitor without a
+    # chat) stays valid while empty; one that held a role or a chat ends
+    # with its logout or expiry, when those keys vanish or change.
     for key in ('role', 'user_id', 'chat_id'):
         if data.get(key) != principal.data.get(key):
             return False
