@@ -340,6 +340,11 @@ def test_chat_survives_a_restart_of_the_websocket_server(
         say(customer.page, after[1])
         for messages in (own, theirs):
             expect(messages.locator('.text')).to_have_text(order + after)
+            # A message shows before its acknowledgement gives it its
+            # number: wait for the last one to be numbered.
+            expect(messages.locator('li').last).to_have_attribute(
+                'data-seq', '6'
+            )
             assert seqs(messages) == ['1', '2', '3', '4', '5', '6']
         expect(own.locator('.own')).to_have_count(3)
         for item in own.locator('.own').all():
