@@ -6,17 +6,13 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -24,6 +20,16 @@ from webtest import TestApp
 
 from onegov.chat.framework import Framework
 from onegov.chat.integration import ChatApp
+from onegov.chat.testing import (
+    ChatServerProcess,
+    ChatSocket,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    onegov_chat_script,
+    postgres_bindir,
+    start_chat_server,
+)
 
 # The example host application has a pytest run of its own
 # (test_testing.py), as it would in its own repository.
@@ -34,140 +40,50 @@ ORIGIN = 'http://town.test'
 TENANT = 'town/govikon'
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
-
-
 def require(program: str) -> str:
     """Return the path of `program`; fail in CI, skip elsewhere."""
     path = shutil.which(program)
     if path is None:
-        message = f'{program} is not installed'
-        if os.environ.get('CI'):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+        missing(f'{program} is not installed')
+    return str(path)
+
+
+def missing(message: str) -> NoReturn:
+    """A service the tests need is not installed: fail in CI, skip
+    elsewhere."""
+    if os.environ.get('CI'):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def postgres() -> Path:
+    """The folder of PostgreSQL's server programs."""
+    require('psql')
+    bindir = postgres_bindir()
+    if bindir is None:
+        missing('the PostgreSQL server is not installed')
+    return bindir
 
 
 @pytest.fixture(scope='session')
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free loopback port; yields its URL."""
-    executable = require('redis-server')
-    port = free_port()
-    directory = tmp_path_factory.mktemp('redis')
-    process = subprocess.Popen(
-        [executable, '--port', str(port), '--bind', '127.0.0.1',
-         '--save', '', '--appendonly', 'no', '--dir', str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    server = RedisServer(
+        require('redis-server'), free_port(),
+        tmp_path_factory.mktemp('redis'),
     )
+    server.start()
     try:
-        wait_for_port(port)
-        yield f'redis://127.0.0.1:{port}/0'
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(('127.0.0.1', port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f'nothing listens on port {port}')
-
-
-def postgres_bindir() -> Path:
-    """The folder of PostgreSQL's server programs."""
-    require('psql')
-    found = sorted(Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
-    if not found:
-        message = 'the PostgreSQL server is not installed'
-        if os.environ.get('CI'):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found[-1].parent
-
-
-@dataclass
-class PostgresServer:
-    """A PostgreSQL server of the tests' own, in a temporary folder."""
-
-    bindir: Path
-    datadir: Path
-    port: int
-    user: str | None
-
-    def run(self, *args: str) -> None:
-        command = [str(self.bindir / args[0]), *args[1:]]
-        if self.user:
-            # PostgreSQL refuses to run as root.
-            command = ['runuser', '-u', self.user, '--', *command]
-        subprocess.run(
-            command, check=True, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def start(self) -> None:
-        self.run(
-            'pg_ctl', '-D', str(self.datadir), '-w', '-t', '30',
-            '-l', str(self.datadir / 'server.log'),
-            '-o', f'-p {self.port} -k {self.datadir} '
-            f'-c listen_addresses=127.0.0.1 -c fsync=off '
-            f'-c max_connections=200',
-            'start',
-        )
-
-    def stop(self, mode: str = 'fast') -> None:
-        self.run(
-            'pg_ctl', '-D', str(self.datadir), '-w', '-m', mode, 'stop'
-        )
-
-    def dsn(self, database: str = 'postgres') -> str:
-        return (
-            f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}'
-        )
-
-    def create_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(
-            f'postgresql://postgres@127.0.0.1:{self.port}/postgres',
-            autocommit=True,
-        ) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return self.dsn(name)
+        server.stop()
 
 
 @pytest.fixture(scope='session')
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL server on a free loopback port."""
-    bindir = postgres_bindir()
-    # Not under pytest's temporary folder: the server's own user must be
-    # able to reach it, and pytest keeps that folder private.
-    root = Path(tempfile.mkdtemp(prefix='onegov-chat-pg-'))
-    root.chmod(0o755)
-    datadir = root / 'data'
-    datadir.mkdir()
-    user = 'postgres' if os.geteuid() == 0 else None
-    if user:
-        shutil.chown(datadir, user)
-    server = PostgresServer(bindir, datadir, free_port(), user)
-    try:
-        server.run(
-            'initdb', '-D', str(datadir), '-U', 'postgres',
-            '--auth=trust', '--no-sync',
-        )
-        server.start()
+    with PostgresServer.running(postgres()) as server:
         yield server
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            server.stop('immediate')
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(
@@ -216,57 +132,11 @@ def settings(store_url: str, dsn: str, tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def onegov_chat() -> str:
-    """The installed ``onegov-chat`` console script."""
-    script = Path(sys.executable).parent / 'onegov-chat'
-    if script.exists():
-        return str(script)
-    found = shutil.which('onegov-chat')
-    if found is None:
-        raise RuntimeError('onegov-chat is not installed')
-    return found
+#: A running ``onegov-chat serve``, as the test kit starts it.
+ServerProcess = ChatServerProcess
 
-
-@dataclass
-class ServerProcess:
-    """A running ``onegov-chat serve`` subprocess."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    port: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f'ws://127.0.0.1:{self.port}'
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding='utf-8', errors='replace')
-
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
-        """Wait until a log line matches `pattern`; return the line."""
-        deadline = time.monotonic() + timeout
-        expression = re.compile(pattern)
-        while time.monotonic() < deadline:
-            for line in self.log().splitlines():
-                if expression.search(line):
-                    return line
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(
-            f'no log line matches {pattern!r}:\n{self.log()}'
-        )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
+#: The installed ``onegov-chat`` command.
+onegov_chat = onegov_chat_script
 
 
 @pytest.fixture
@@ -284,18 +154,11 @@ def start_server(
     started: list[ServerProcess] = []
 
     def start(*args: str, log_level: str = 'INFO') -> ServerProcess:
-        log_path = tmp_path / f'server-{len(started)}.log'
-        with open(log_path, 'wb') as log:
-            process = subprocess.Popen(
-                [onegov_chat(), '--config', str(config_file),
-                 '--log-level', log_level, 'serve',
-                 '--host', '127.0.0.1', '--port', '0', *args],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        server = ServerProcess(process, log_path)
+        server = start_chat_server(
+            config_file, tmp_path / f'server-{len(started)}.log', *args,
+            log_level=log_level,
+        )
         started.append(server)
-        line = server.wait_for_log(r'event=server_ready .* port=\d+')
-        server.port = int(line.rsplit('port=', 1)[1].split()[0])
         return server
 
     yield start
@@ -436,12 +299,8 @@ def log_in(
     assert response.status_int == 303, response.text
 
 
-class Peer:
-    """A real websockets client speaking the chat protocol."""
-
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-        self.inbox: list[dict[str, Any]] = []
+class Peer(ChatSocket):
+    """The test kit's chat socket, connected through our test app."""
 
     @classmethod
     async def connect(
@@ -460,84 +319,23 @@ class Peer:
         )
         return cls(connection)
 
-    async def send(self, **message: Any) -> None:
-        import json
-
-        await self.connection.send(json.dumps(message))
-
-    async def expect(
-        self, kind: str, timeout: float = 10.0, **match: Any
-    ) -> dict[str, Any]:
-        """Return the first message of type `kind` (matching `match`),
-        keeping every other message in `inbox`."""
-        import asyncio
-        import json
-
-        for index, message in enumerate(self.inbox):
-            if message['type'] == kind and all(
-                message.get(k) == v for k, v in match.items()
-            ):
-                return self.inbox.pop(index)
-
-        async def wait() -> dict[str, Any]:
-            while True:
-                message = json.loads(await self.connection.recv())
-                if message['type'] == kind and all(
-                    message.get(k) == v for k, v in match.items()
-                ):
-                    return dict(message)
-                self.inbox.append(message)
-
-        return await asyncio.wait_for(wait(), timeout)
-
-    async def close(self) -> None:
-        await self.connection.close()
-
 
 # Replicas and faults ------------------------------------------------------
 
 
-@dataclass
-class RedisServer:
-    """A redis-server of one test's own, stopped and started on one port.
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server for this test alone, to stop and restart.
 
     It keeps its data in an append-only file, as a production Redis
     should: the sessions outlive a restart.
 
     """
-
-    executable: str
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f'redis://127.0.0.1:{self.port}/0'
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.executable, '--port', str(self.port),
-             '--bind', '127.0.0.1', '--save', '', '--appendonly', 'yes',
-             '--appendfsync', 'always', '--dir', str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        """Shut Redis down (SIGTERM) and wait until the port is free."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
-
-
-@pytest.fixture
-def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A running redis-server for this test alone, to stop and restart."""
     directory = tmp_path / 'redis'
     directory.mkdir()
-    server = RedisServer(require('redis-server'), free_port(), directory)
+    server = RedisServer(
+        require('redis-server'), free_port(), directory, persistent=True
+    )
     server.start()
     try:
         yield server
@@ -549,26 +347,8 @@ def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def dedicated_postgres() -> Iterator[PostgresServer]:
     """A running PostgreSQL server for this test alone, to stop and
     restart."""
-    bindir = postgres_bindir()
-    root = Path(tempfile.mkdtemp(prefix='onegov-chat-pg-'))
-    root.chmod(0o755)
-    datadir = root / 'data'
-    datadir.mkdir()
-    user = 'postgres' if os.geteuid() == 0 else None
-    if user:
-        shutil.chown(datadir, user)
-    server = PostgresServer(bindir, datadir, free_port(), user)
-    try:
-        server.run(
-            'initdb', '-D', str(datadir), '-U', 'postgres',
-            '--auth=trust', '--no-sync',
-        )
-        server.start()
+    with PostgresServer.running(postgres()) as server:
         yield server
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            server.stop('immediate')
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from conftest import onegov_chat
 from onegov.chat.cli import cli
 from onegov.chat.session import CookieSigner
 
@@ -127,10 +127,6 @@ def test_bad_options_are_usage_errors(args: list[str]) -> None:
 
 
 # The demo, for real --------------------------------------------------
-
-
-def onegov_chat() -> str:
-    return str(Path(sys.executable).parent / 'onegov-chat')
 
 
 def fetch(url: str) -> tuple[int, Message, bytes]:

@@ -31,13 +31,17 @@ The plugin then gives:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +58,8 @@ TEST_ORIGIN = 'http://localhost'
 TEST_TENANT = 'test/chat'
 
 
-def _script() -> str:
+def onegov_chat_script() -> str:
+    """The installed ``onegov-chat`` command, beside this Python."""
     script = Path(sys.executable).parent / 'onegov-chat'
     if script.exists():
         return str(script)
@@ -87,7 +92,8 @@ class ChatServerProcess:
         """Return the first log line matching `pattern`, waiting for it.
 
         Raises:
-            AssertionError: if no line matches within `timeout`.
+            AssertionError: if no line matches within `timeout`; the
+                message holds the log (which holds no secret).
 
         """
         expression = re.compile(pattern)
@@ -99,7 +105,9 @@ class ChatServerProcess:
             if self.process.poll() is not None:
                 break
             time.sleep(0.02)
-        raise AssertionError(f'the server logged no line like {pattern!r}')
+        raise AssertionError(
+            f'no log line matches {pattern!r}:\n{self.log()}'
+        )
 
     def websocket_url(self, token_url: str) -> str:
         """The URL from ``/chat/token``, pointed at this server."""
@@ -121,16 +129,43 @@ class ChatServerProcess:
         )
         return ChatSocket(connection)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Stop the server; return its exit code."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Stop the server (killing it after `timeout`); return its exit
+        code."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         return int(self.process.returncode)
+
+
+def start_chat_server(
+    config: Path, log_path: Path, *args: str, log_level: str = 'INFO'
+) -> ChatServerProcess:
+    """Start ``onegov-chat serve`` with `config` on a free port.
+
+    The server logs to `log_path`; extra `args` go to ``serve``. Returns
+    once the server is ready, with its port.
+
+    """
+    with open(log_path, 'wb') as log:
+        process = subprocess.Popen(  # noqa: S603 (our own command)
+            [onegov_chat_script(), '--config', str(config),
+             '--log-level', log_level, 'serve', '--host', '127.0.0.1',
+             '--port', '0', *args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = ChatServerProcess(process, log_path)
+    try:
+        line = server.wait_for_log(r'event=server_ready .* port=\d+')
+    except AssertionError:
+        server.stop()
+        raise
+    server.port = int(line.rsplit('port=', 1)[1].split()[0])
+    return server
 
 
 class ChatSocket:
@@ -213,6 +248,161 @@ async def assert_refused(
     )
 
 
+# Real backing services -------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on `port` of 127.0.0.1.
+
+    Raises:
+        TimeoutError: if nothing does within `timeout` seconds.
+
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(('127.0.0.1', port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f'nothing listens on port {port}')
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of one's own on a loopback port.
+
+    With `persistent`, it keeps its data in an append-only file, as a
+    production Redis should, so that sessions outlive a restart on the
+    same port.
+
+    """
+
+    executable: str
+    port: int
+    directory: Path
+    persistent: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f'redis://127.0.0.1:{self.port}/0'
+
+    def start(self) -> None:
+        persistence = (
+            ['--appendonly', 'yes', '--appendfsync', 'always']
+            if self.persistent else ['--appendonly', 'no']
+        )
+        self.process = subprocess.Popen(  # noqa: S603 (our own command)
+            [self.executable, '--port', str(self.port),
+             '--bind', '127.0.0.1', '--save', '', *persistence,
+             '--dir', str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        """Shut Redis down (SIGTERM) and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL server of one's own, in a temporary folder.
+
+    `running` creates, starts and finally removes one. As root, the
+    server runs as the ``postgres`` user, since PostgreSQL refuses to
+    run as root.
+
+    """
+
+    bindir: Path
+    datadir: Path
+    port: int
+    user: str | None
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, bindir: Path) -> Iterator[PostgresServer]:
+        # Not under pytest's temporary folder: the server's own user
+        # must be able to reach it, and pytest keeps that folder private.
+        root = Path(tempfile.mkdtemp(prefix='onegov-chat-pg-'))
+        root.chmod(0o755)
+        datadir = root / 'data'
+        datadir.mkdir()
+        user = 'postgres' if os.geteuid() == 0 else None
+        if user:
+            shutil.chown(datadir, user)
+        server = cls(bindir, datadir, free_port(), user)
+        try:
+            server.run(
+                'initdb', '-D', str(datadir), '-U', 'postgres',
+                '--auth=trust', '--no-sync',
+            )
+            server.start()
+            yield server
+        finally:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                server.stop('immediate')
+            shutil.rmtree(root, ignore_errors=True)
+
+    def run(self, *args: str) -> None:
+        command = [str(self.bindir / args[0]), *args[1:]]
+        if self.user:
+            command = ['runuser', '-u', self.user, '--', *command]
+        subprocess.run(  # noqa: S603 (our own command)
+            command, check=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        self.run(
+            'pg_ctl', '-D', str(self.datadir), '-w', '-t', '30',
+            '-l', str(self.datadir / 'server.log'),
+            '-o', f'-p {self.port} -k {self.datadir} '
+            f'-c listen_addresses=127.0.0.1 -c fsync=off '
+            f'-c max_connections=200',
+            'start',
+        )
+
+    def stop(self, mode: str = 'fast') -> None:
+        self.run(
+            'pg_ctl', '-D', str(self.datadir), '-w', '-m', mode, 'stop'
+        )
+
+    def dsn(self, database: str = 'postgres') -> str:
+        return (
+            f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}'
+        )
+
+    def create_database(self, name: str) -> str:
+        """Create database `name`; return its URL."""
+        import psycopg
+
+        with psycopg.connect(
+            f'postgresql://postgres@127.0.0.1:{self.port}/postgres',
+            autocommit=True,
+        ) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of PostgreSQL's server programs, if installed."""
+    found = sorted(Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
+    return found[-1].parent if found else None
+
+
 @pytest.fixture
 def chat_settings(tmp_path: Path) -> dict[str, Any]:
     """One configuration for the app under test and its chat server."""
@@ -235,17 +425,8 @@ def chat_server(
     """A real ``onegov-chat serve`` on a free port, with `chat_settings`."""
     config = tmp_path / 'onegov-chat.yml'
     config.write_text(yaml.safe_dump(chat_settings), encoding='utf-8')
-    log_path = tmp_path / 'onegov-chat.log'
-    with open(log_path, 'wb') as log:
-        process = subprocess.Popen(  # noqa: S603 (our own command)
-            [_script(), '--config', str(config), 'serve',
-             '--host', '127.0.0.1', '--port', '0'],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    server = ChatServerProcess(process, log_path)
+    server = start_chat_server(config, tmp_path / 'onegov-chat.log')
     try:
-        line = server.wait_for_log(r'event=server_ready .* port=\d+')
-        server.port = int(line.rsplit('port=', 1)[1].split()[0])
         yield server
     finally:
         server.stop()
