@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +73,8 @@ def spawn(coroutine: Coroutine[Any, Any, Any]) -> None:
 class RateLimiter:
     """A token bucket: `rate` frames per `window` seconds, bursts allowed."""
 
+    __slots__ = ('capacity', 'refill', 'stamp', 'tokens')
+
     def __init__(self, rate: int, window: float) -> None:
         self.capacity = float(rate)
         self.refill = rate / window
@@ -95,7 +97,26 @@ class RateLimiter:
 
 
 class Client:
-    """One admitted connection."""
+    """One admitted connection.
+
+    What is sent to it goes through a bounded queue, written by a task
+    that runs only while the queue is not empty: an idle connection
+    costs no task.
+
+    """
+
+    __slots__ = (
+        'closing',
+        'connection',
+        'held',
+        'limit',
+        'limiter',
+        'pending',
+        'principal',
+        'seen',
+        'standing',
+        'writer',
+    )
 
     def __init__(
         self,
@@ -105,9 +126,8 @@ class Client:
     ) -> None:
         self.connection = connection
         self.principal = principal
-        self.queue: asyncio.Queue[str | _Closing] = asyncio.Queue(
-            config.send_queue_size
-        )
+        self.pending: deque[str | _Closing] = deque()
+        self.limit = config.send_queue_size
         self.limiter = RateLimiter(
             config.rate_limit, config.rate_limit_window
         )
@@ -145,14 +165,21 @@ class Client:
         """Queue `payload`; close the connection if the queue is full."""
         if self.closing:
             return
-        try:
-            self.queue.put_nowait(payload)
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.limit:
             logger.info(
                 'event=client_too_slow tenant=%s role=%s',
                 self.tenant, self.role,
             )
             self.close(Close.TOO_SLOW, 'too slow', flush=False)
+            return
+        self._enqueue(payload)
+
+    def _enqueue(self, item: str | _Closing) -> None:
+        self.pending.append(item)
+        if self.writer is None:
+            self.writer = asyncio.get_running_loop().create_task(
+                self.write()
+            )
 
     def reply(self, message: dict[str, Any]) -> None:
         self.send(encode(message))
@@ -168,23 +195,26 @@ class Client:
             return
         self.closing = True
         if flush:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(_Closing(code, reason))
-                return
+            self._enqueue(_Closing(code, reason))
+            return
+        self.pending.clear()
         if self.writer is not None:
             self.writer.cancel()
         spawn(self.connection.close(code, reason))
 
     async def write(self) -> None:
-        while True:
-            item = await self.queue.get()
-            try:
+        """Send what is queued, in order, then end."""
+        try:
+            while self.pending:
+                item = self.pending.popleft()
                 if isinstance(item, _Closing):
                     await self.connection.close(item.code, item.reason)
                     return
                 await self.connection.send(item)
-            except ConnectionClosed:
-                return
+        except ConnectionClosed:
+            self.pending.clear()
+        finally:
+            self.writer = None
 
 
 @dataclass(frozen=True)
@@ -339,9 +369,6 @@ class ChatService:
         self.clients.add(client)
         gauge = self.metrics.connections.labels(client.role)
         gauge.inc()
-        client.writer = asyncio.get_running_loop().create_task(
-            client.write()
-        )
         try:
             try:
                 greeted = await self.greet(client)
