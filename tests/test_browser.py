@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from conftest import ServerProcess, free_port, onegov_chat, wait_for_port
+from conftest import ServerProcess, free_port, onegov_chat
+from onegov.chat.testing import wait_for_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
