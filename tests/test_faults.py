@@ -401,7 +401,7 @@ def test_message_a_dead_replica_stored_reaches_everyone(
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
-    from onegov.chat.collections.chats import store_message
+    from onegov.chat.collections.chats import NewMessage, store_messages
 
     replicas = start_replicas(2)
     add_staff(town_app)
@@ -412,10 +412,10 @@ def test_message_a_dead_replica_stored_reaches_everyone(
         engine = create_engine(settings['dsn'])
         try:
             with Session(engine) as session:
-                store_message(
-                    session, chat_id, 'customer', 'Customer 0', 'lost ack',
-                    'c0-lost',
-                )
+                store_messages(session, [NewMessage(
+                    'town/govikon', chat_id, 'customer', None, '',
+                    'lost ack', 'c0-lost',
+                )])
         finally:
             engine.dispose()
 

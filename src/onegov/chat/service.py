@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -36,9 +36,11 @@ from websockets.exceptions import ConnectionClosed
 from onegov.chat.broker import LocalBroker, broker_from_url
 from onegov.chat.collections.chats import (
     ChatCollection,
+    NewMessage,
+    Refusal,
     StoredMessage,
     UserCollection,
-    store_message,
+    store_messages,
 )
 from onegov.chat.config import Config
 from onegov.chat.handshake import Principal
@@ -225,6 +227,100 @@ class _Closing:
     reason: str
 
 
+class MessageWriter:
+    """Stores messages in batches: one database trip for all that came
+    in while the last trip was under way.
+
+    Each message is acknowledged only after the transaction holding it
+    committed. Outcomes are handed back in the order the messages came,
+    so a chat's messages are published in sequence order.
+
+    """
+
+    #: The most messages stored in one transaction.
+    BATCH = 100
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+        self.waiting: list[
+            tuple[NewMessage, asyncio.Future[StoredMessage | Refusal]]
+        ] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def store(self, message: NewMessage) -> StoredMessage | Refusal:
+        outcome: asyncio.Future[StoredMessage | Refusal] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.waiting.append((message, outcome))
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run())
+        return await outcome
+
+    async def run(self) -> None:
+        try:
+            while self.waiting:
+                batch = self.waiting[:self.BATCH]
+                del self.waiting[:self.BATCH]
+                outcomes = await self.service.run_db(functools.partial(
+                    _store_batch, [message for message, _ in batch]
+                ))
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        except BaseException as error:
+            # The trip itself failed (the executor is gone): nobody may
+            # wait for ever.
+            for _, future in self.waiting:
+                if not future.done():
+                    future.set_exception(error)
+            self.waiting.clear()
+            raise
+        finally:
+            self.task = None
+
+
+def _store_batch(
+    messages: list[NewMessage], session: Session
+) -> list[StoredMessage | Refusal | BaseException]:
+    """Store a batch in one transaction; one by one if that fails."""
+    try:
+        return list(store_messages(session, messages))
+    except (OSError, SQLAlchemyError) as error:
+        session.rollback()
+        if len(messages) == 1:
+            return [error]
+
+    # A duplicate raced in from another process, or one message broke
+    # the transaction: each on its own, so that one failure fails one.
+    outcomes: list[StoredMessage | Refusal | BaseException] = []
+    for message in messages:
+        outcomes.append(_store_alone(session, message))
+    return outcomes
+
+
+def _store_alone(
+    session: Session, message: NewMessage
+) -> StoredMessage | Refusal | BaseException:
+    try:
+        return store_messages(session, [message])[0]
+    except IntegrityError:
+        # The same client id, stored a moment ago by another process:
+        # the second try finds it and answers with it.
+        session.rollback()
+    except (OSError, SQLAlchemyError) as error:
+        session.rollback()
+        return error
+    try:
+        return store_messages(session, [message])[0]
+    except (OSError, SQLAlchemyError) as error:
+        session.rollback()
+        return error
+
+
 class Hub:
     """Fan-out inside this process: chat channels and staff channels."""
 
@@ -293,6 +389,7 @@ class ChatService:
             defaultdict(set)
         )
         self.chat_locks: dict[str, asyncio.Lock] = {}
+        self.writer = MessageWriter(self)
         self.liveness: asyncio.Task[None] | None = None
 
         #: Who this replica is, for ``onegov-chat status``.
@@ -314,8 +411,8 @@ class ChatService:
 
     @contextlib.asynccontextmanager
     async def chat_lock(self, chat_id: str) -> AsyncIterator[None]:
-        # Store and publish one message of a chat at a time in this
-        # process, so that live messages leave in sequence order.
+        # Publish one message of a chat at a time in this process, so
+        # that they reach the broker in sequence order.
         lock = self.chat_locks.setdefault(chat_id, asyncio.Lock())
         async with lock:
             yield
@@ -643,63 +740,49 @@ class ChatService:
         received = time.perf_counter()
         self.metrics.messages_received.inc()
         chat_id = self.target(client, command)
-        tenant, user_id = client.tenant, client.user_id
-        staff_name = str(client.principal.data.get('name') or 'Staff')
-        is_staff = client.is_staff
 
-        def store(session: Session) -> StoredMessage | str:
-            # Check and store in one trip to the database thread.
-            chat = ChatCollection(session, tenant).by_id(chat_id)
-            if chat is None:
-                return 'not_found'
-            if is_staff and chat.state == ChatState.waiting:
-                # Every staff member of the tenant sees waiting chats.
-                return 'not_active'
-            if is_staff and chat.staff_id != user_id:
-                return 'not_found'
-            if chat.state == ChatState.ended:
-                return 'chat_ended'
-            stored = store_message(
-                session, chat_id, 'staff' if is_staff else 'customer',
-                staff_name if is_staff else chat.customer_name,
-                command.text, command.client_id,
+        try:
+            stored = await self.writer.store(NewMessage(
+                tenant=client.tenant,
+                chat_id=chat_id,
+                role='staff' if client.is_staff else 'customer',
+                user_id=client.user_id,
+                staff_name=str(client.principal.data.get('name') or 'Staff'),
+                text=command.text,
+                client_id=command.client_id,
+            ))
+        except (OSError, SQLAlchemyError) as error:
+            # No traceback: during an outage this happens for every
+            # message, and the exception says nothing new.
+            logger.warning(
+                'event=store_failed chat=%s error=%s',
+                chat_id, type(error).__name__,
             )
-            return 'chat_ended' if stored is None else stored
+            raise ProtocolError(
+                'unavailable', 'the message was not stored, send it again',
+                ref(command),
+            ) from None
+        if isinstance(stored, str):
+            code, text = _REFUSALS[stored]
+            raise ProtocolError(code, text, ref(command))
 
-        async with self.chat_lock(chat_id):
-            try:
-                stored = await self.run_db(store)
-            except (OSError, SQLAlchemyError) as error:
-                # No traceback: during an outage this happens for every
-                # message, and the exception says nothing new.
-                logger.warning(
-                    'event=store_failed chat=%s error=%s',
-                    chat_id, type(error).__name__,
-                )
-                raise ProtocolError(
-                    'unavailable', 'the message was not stored, send it '
-                    'again', ref(command),
-                ) from None
-            if isinstance(stored, str):
-                code, text = _REFUSALS[stored]
-                raise ProtocolError(code, text, ref(command))
-
-            message = stored.message
-            client.reply({
-                'type': 'ack', 'chat_id': chat_id,
-                'client_id': message['client_id'], 'seq': message['seq'],
-                'duplicate': stored.duplicate,
-            })
-            if stored.duplicate:
-                # Publish a duplicate again: the replica that stored it
-                # first may have died before publishing it (the client
-                # saw no ack, so it sent it again), and the members
-                # would miss it until the chat's next message. Members
-                # drop what they have already (`deliver`).
-                await self.publish(chat_id, message)
-                return
+        message = stored.message
+        client.reply({
+            'type': 'ack', 'chat_id': chat_id,
+            'client_id': message['client_id'], 'seq': message['seq'],
+            'duplicate': stored.duplicate,
+        })
+        if not stored.duplicate:
             self.metrics.messages_stored.inc()
+
+        # A duplicate is published again: the replica that stored it
+        # first may have died before publishing it (the client saw no
+        # ack, so it sent it again), and the members would miss it until
+        # the chat's next message. Members drop what they have already
+        # (`deliver`).
+        async with self.chat_lock(chat_id):
             await self.publish(chat_id, message)
+        if not stored.duplicate:
             self.metrics.delivery_latency.observe(
                 time.perf_counter() - received
             )

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from onegov.chat.models import Chat, ChatState, Message, User
 from onegov.chat.models.base import utcnow
+from onegov.chat.models.chat import message_dict
 
 
 @dataclass(frozen=True)
@@ -151,68 +151,99 @@ class ChatCollection:
         return len(chats)
 
 
-def find_message(
-    session: Session, chat_id: str, role: str, client_id: str
-) -> dict[str, Any] | None:
-    """Return the message `client_id` of the chat's `role` side, if it
-    was stored."""
-    row = session.scalars(
-        select(Message)
-        .where(Message.chat_id == chat_id)
-        .where(Message.role == role)
-        .where(Message.client_id == client_id)
-    ).one_or_none()
-    return row.as_dict() if row is not None else None
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to store, with who sent it, from the server session."""
+
+    tenant: str
+    chat_id: str
+    role: str
+    user_id: Any
+    staff_name: str
+    text: str
+    client_id: str
 
 
-def store_message(
-    session: Session,
-    chat_id: str,
-    role: str,
-    sender_name: str,
-    text: str,
-    client_id: str,
-) -> StoredMessage | None:
-    """Store a message in its own transaction; None if the chat is closed.
+#: Why a message was not stored: the chat is unknown to the sender, it
+#: waits for staff to accept it, or it has ended.
+Refusal = str
+
+
+def store_messages(
+    session: Session, messages: Sequence[NewMessage]
+) -> list[StoredMessage | Refusal]:
+    """Store `messages` in one transaction, in order; return each outcome.
 
     A message whose `client_id` is known from the same side (`role`) is
     not stored again: the stored one is returned, marked as duplicate.
     The next sequence number is taken with an ``UPDATE ... RETURNING`` on
     the chat row, which locks it until the commit, so numbers are
-    gap-free across processes.
+    gap-free across processes. Nothing is acknowledged before the commit,
+    so a failed commit loses nothing a client was told was stored.
+
+    Raises:
+        IntegrityError: when another process stored one of the same
+            client ids at the same moment; store the messages one by one
+            then.
 
     """
-    known = find_message(session, chat_id, role, client_id)
-    if known is not None:
-        session.rollback()
-        return StoredMessage(known, duplicate=True)
+    outcomes = [_store(session, message) for message in messages]
+    session.commit()
+    return outcomes
 
-    seq = session.execute(
+
+def _store(session: Session, new: NewMessage) -> StoredMessage | Refusal:
+    chat = session.execute(
+        select(Chat.state, Chat.staff_id, Chat.customer_name)
+        .where(Chat.id == new.chat_id)
+        .where(Chat.application_id == new.tenant)
+    ).one_or_none()
+    if chat is None:
+        return 'not_found'
+    state, staff_id, customer_name = chat
+    if new.role == 'staff':
+        if state == ChatState.waiting:
+            # Every staff member of the tenant sees waiting chats.
+            return 'not_active'
+        if staff_id != new.user_id:
+            return 'not_found'
+    if state == ChatState.ended:
+        return 'chat_ended'
+
+    known = session.execute(
+        select(
+            Message.seq, Message.sender_name, Message.text, Message.created
+        )
+        .where(Message.chat_id == new.chat_id)
+        .where(Message.role == new.role)
+        .where(Message.client_id == new.client_id)
+    ).one_or_none()
+    if known is not None:
+        seq, name, text, created = known
+        return StoredMessage(message_dict(
+            new.chat_id, seq, new.role, name, text, new.client_id, created
+        ), duplicate=True)
+
+    next_seq = session.execute(
         update(Chat)
-        .where(Chat.id == chat_id)
+        .where(Chat.id == new.chat_id)
         .where(Chat.state != ChatState.ended)
         .values(last_seq=Chat.last_seq + 1)
         .returning(Chat.last_seq)
     ).scalar_one_or_none()
-    if seq is None:
-        session.rollback()
-        return None
+    if next_seq is None:
+        return 'chat_ended'
+    seq = next_seq
 
-    message = Message(
-        chat_id=chat_id, seq=seq, role=role, sender_name=sender_name,
-        text=text, client_id=client_id, created=utcnow(),
-    )
-    session.add(message)
-    try:
-        session.commit()
-    except IntegrityError:
-        # The same client id, stored a moment ago by another process.
-        session.rollback()
-        known = find_message(session, chat_id, role, client_id)
-        if known is None:
-            raise
-        return StoredMessage(known, duplicate=True)
-    return StoredMessage(message.as_dict(), duplicate=False)
+    name = new.staff_name if new.role == 'staff' else customer_name
+    created = utcnow()
+    session.execute(insert(Message).values(
+        chat_id=new.chat_id, seq=seq, role=new.role, sender_name=name,
+        text=new.text, client_id=new.client_id, created=created,
+    ))
+    return StoredMessage(message_dict(
+        new.chat_id, seq, new.role, name, new.text, new.client_id, created
+    ), duplicate=False)
 
 
 class UserCollection:

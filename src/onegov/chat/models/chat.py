@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -140,13 +140,32 @@ class Message(Base):
     chat: Mapped[Chat] = relationship(back_populates='messages')
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            'type': 'message',
-            'chat_id': self.chat_id,
-            'seq': self.seq,
-            'role': self.role,
-            'name': self.sender_name,
-            'text': self.text,
-            'client_id': self.client_id,
-            'time': self.created.isoformat(),
-        }
+        return message_dict(
+            self.chat_id, self.seq, self.role, self.sender_name, self.text,
+            self.client_id, self.created,
+        )
+
+
+def message_dict(
+    chat_id: str,
+    seq: int,
+    role: str,
+    name: str,
+    text: str,
+    client_id: str,
+    created: datetime,
+) -> dict[str, Any]:
+    """A message as clients receive it."""
+    if created.tzinfo is None:
+        # SQLite gives back what it was given, without the offset.
+        created = created.replace(tzinfo=UTC)
+    return {
+        'type': 'message',
+        'chat_id': chat_id,
+        'seq': seq,
+        'role': role,
+        'name': name,
+        'text': text,
+        'client_id': client_id,
+        'time': created.isoformat(),
+    }
