@@ -18,6 +18,11 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format='%(asctime)s %(levelname)s %(name)s %(message)s',
     )
+    if level != 'DEBUG':
+        # The library's own INFO lines ("connection open", "connection
+        # rejected") say again what our event lines say, with less, at a
+        # cost on every handshake; at DEBUG they are all there.
+        logging.getLogger('websockets').setLevel(logging.WARNING)
 
 
 def _config(

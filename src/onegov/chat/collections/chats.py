@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import DateTime, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from onegov.chat.models import Chat, ChatState, Message, User
@@ -181,69 +181,125 @@ def store_messages(
     gap-free across processes. Nothing is acknowledged before the commit,
     so a failed commit loses nothing a client was told was stored.
 
+    The statements are plain SQL, built once: on this path, building
+    SQLAlchemy expressions for every message cost more than running them.
+
     Raises:
         IntegrityError: when another process stored one of the same
             client ids at the same moment; store the messages one by one
             then.
 
     """
-    outcomes = [_store(session, message) for message in messages]
+    connection = session.connection()
+    outcomes: list[StoredMessage | Refusal] = []
+    rows: list[dict[str, Any]] = []
+    batch: dict[tuple[str, str, str], StoredMessage] = {}
+
+    for new in messages:
+        key = (new.chat_id, new.role, new.client_id)
+        if key in batch:
+            # Sent twice within one batch: the second is the duplicate.
+            outcomes.append(StoredMessage(batch[key].message, True))
+            continue
+        staff = new.role == 'staff'
+        params = {
+            'chat': new.chat_id, 'tenant': new.tenant, 'role': new.role,
+            'client_id': new.client_id, 'user': new.user_id,
+        }
+
+        known = connection.execute(
+            _KNOWN_BY_STAFF if staff else _KNOWN, params
+        ).one_or_none()
+        if known is not None:
+            seq, name, body, created = known
+            outcomes.append(StoredMessage(message_dict(
+                new.chat_id, seq, new.role, name, body, new.client_id,
+                created,
+            ), duplicate=True))
+            continue
+
+        numbered = connection.execute(
+            _NEXT_BY_STAFF if staff else _NEXT, params
+        ).one_or_none()
+        if numbered is None:
+            outcomes.append(_refusal(connection, new))
+            continue
+
+        seq, customer_name = numbered
+        name = new.staff_name if staff else customer_name
+        created = utcnow()
+        rows.append({
+            'chat_id': new.chat_id, 'seq': seq, 'role': new.role,
+            'sender_name': name, 'text': new.text,
+            'client_id': new.client_id, 'created': created,
+        })
+        stored = StoredMessage(message_dict(
+            new.chat_id, seq, new.role, name, new.text, new.client_id,
+            created,
+        ), duplicate=False)
+        batch[key] = stored
+        outcomes.append(stored)
+
+    if rows:
+        connection.execute(_INSERT, rows)
     session.commit()
     return outcomes
 
 
-def _store(session: Session, new: NewMessage) -> StoredMessage | Refusal:
-    chat = session.execute(
-        select(Chat.state, Chat.staff_id, Chat.customer_name)
-        .where(Chat.id == new.chat_id)
-        .where(Chat.application_id == new.tenant)
-    ).one_or_none()
+def _refusal(connection: Any, new: NewMessage) -> Refusal:
+    """Why `new` could not be numbered (the rare path)."""
+    chat = connection.execute(_CHAT, {
+        'chat': new.chat_id, 'tenant': new.tenant,
+    }).one_or_none()
     if chat is None:
         return 'not_found'
-    state, staff_id, customer_name = chat
+    state, staff_id = chat
     if new.role == 'staff':
-        if state == ChatState.waiting:
+        if state == ChatState.waiting.name:
             # Every staff member of the tenant sees waiting chats.
             return 'not_active'
         if staff_id != new.user_id:
             return 'not_found'
-    if state == ChatState.ended:
-        return 'chat_ended'
+    return 'chat_ended'
 
-    known = session.execute(
-        select(
-            Message.seq, Message.sender_name, Message.text, Message.created
-        )
-        .where(Message.chat_id == new.chat_id)
-        .where(Message.role == new.role)
-        .where(Message.client_id == new.client_id)
-    ).one_or_none()
-    if known is not None:
-        seq, name, text, created = known
-        return StoredMessage(message_dict(
-            new.chat_id, seq, new.role, name, text, new.client_id, created
-        ), duplicate=True)
 
-    next_seq = session.execute(
-        update(Chat)
-        .where(Chat.id == new.chat_id)
-        .where(Chat.state != ChatState.ended)
-        .values(last_seq=Chat.last_seq + 1)
-        .returning(Chat.last_seq)
-    ).scalar_one_or_none()
-    if next_seq is None:
-        return 'chat_ended'
-    seq = next_seq
+# The statements of `store_messages`. A chat's state is stored by the
+# name of its `ChatState`.
 
-    name = new.staff_name if new.role == 'staff' else customer_name
-    created = utcnow()
-    session.execute(insert(Message).values(
-        chat_id=new.chat_id, seq=seq, role=new.role, sender_name=name,
-        text=new.text, client_id=new.client_id, created=created,
-    ))
-    return StoredMessage(message_dict(
-        new.chat_id, seq, new.role, name, new.text, new.client_id, created
-    ), duplicate=False)
+_KNOWN = text(
+    'SELECT m.seq, m.sender_name, m.text, m.created'
+    ' FROM chat_messages m JOIN chats c ON c.id = m.chat_id'
+    ' WHERE m.chat_id = :chat AND m.role = :role'
+    ' AND m.client_id = :client_id AND c.application_id = :tenant'
+).columns(created=DateTime(timezone=True))
+
+_KNOWN_BY_STAFF = text(
+    'SELECT m.seq, m.sender_name, m.text, m.created'
+    ' FROM chat_messages m JOIN chats c ON c.id = m.chat_id'
+    ' WHERE m.chat_id = :chat AND m.role = :role'
+    ' AND m.client_id = :client_id AND c.application_id = :tenant'
+    ' AND c.staff_id = :user'
+).columns(created=DateTime(timezone=True))
+
+_NEXT = text(
+    'UPDATE chats SET last_seq = last_seq + 1'
+    " WHERE id = :chat AND application_id = :tenant AND state != 'ended'"
+    ' RETURNING last_seq, customer_name'
+)
+
+_NEXT_BY_STAFF = text(
+    'UPDATE chats SET last_seq = last_seq + 1'
+    " WHERE id = :chat AND application_id = :tenant AND state = 'active'"
+    ' AND staff_id = :user'
+    ' RETURNING last_seq, customer_name'
+)
+
+_INSERT = insert(Message)
+
+_CHAT = text(
+    'SELECT state, staff_id FROM chats'
+    ' WHERE id = :chat AND application_id = :tenant'
+)
 
 
 class UserCollection:
