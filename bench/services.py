@@ -1,0 +1,346 @@
+"""The processes a benchmark runs against, and what /proc says of them.
+
+Redis and PostgreSQL are started as the test suite starts them: on a
+free loopback port, PostgreSQL as its own user when we are root, with a
+data folder outside any private temporary folder. The servers under
+test run as subprocesses whose CPU time and memory are read from /proc,
+never from inside.
+
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+
+_TICKS = os.sysconf('SC_CLK_TCK')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(('127.0.0.1', port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f'nothing listens on port {port}')
+
+
+# /proc ---------------------------------------------------------------------
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime of process `pid` (all its threads), in seconds."""
+    with open(f'/proc/{pid}/stat', encoding='ascii') as handle:
+        fields = handle.read().rsplit(')', 1)[1].split()
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads), in seconds."""
+    return sum(cpu_times(pid))
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of process `pid`, in KiB."""
+    with open(f'/proc/{pid}/status', encoding='ascii') as handle:
+        for line in handle:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    raise RuntimeError(f'no VmRSS for {pid}')
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat', encoding='ascii') as handle:
+                fields = handle.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def total_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def machine() -> dict[str, Any]:
+    """The machine: cores, CPU model, memory, kernel."""
+    model = 'unknown'
+    with contextlib.suppress(OSError), open(
+        '/proc/cpuinfo', encoding='utf-8'
+    ) as handle:
+        for line in handle:
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    memory = 0
+    with contextlib.suppress(OSError), open(
+        '/proc/meminfo', encoding='ascii'
+    ) as handle:
+        for line in handle:
+            if line.startswith('MemTotal:'):
+                memory = int(line.split()[1])
+                break
+    return {
+        'nproc': os.cpu_count(),
+        'cpu_model': model,
+        'memory_gib': round(memory / 1024 / 1024, 1),
+        'kernel': os.uname().release,
+    }
+
+
+def load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+# Servers under test --------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A server under test, with the port it reported."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding='utf-8', errors='replace')
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        expression = re.compile(r'event=server_ready .*port=(\d+)')
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = expression.search(self.log())
+            if match:
+                self.port = int(match.group(1))
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f'{self.name} did not start:\n{self.log()}')
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_process(
+    name: str, command: list[str], log_path: Path
+) -> ServerProcess:
+    with open(log_path, 'wb') as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(name, process, log_path)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def onegov_chat() -> str:
+    """The ``onegov-chat`` script of this virtualenv."""
+    script = Path(sys.executable).parent / 'onegov-chat'
+    if script.exists():
+        return str(script)
+    found = shutil.which('onegov-chat')
+    if found is None:
+        raise RuntimeError('onegov-chat is not installed in this virtualenv')
+    return found
+
+
+def start_chat(config_path: Path, log_path: Path) -> ServerProcess:
+    return start_process('chat', [
+        onegov_chat(), '--config', str(config_path), 'serve',
+        '--host', '127.0.0.1', '--port', '0',
+    ], log_path)
+
+
+def start_bare(log_path: Path) -> ServerProcess:
+    return start_process('bare', [
+        sys.executable, str(BENCH / 'bare_relay.py'),
+        '--host', '127.0.0.1', '--port', '0',
+    ], log_path)
+
+
+# Backends ------------------------------------------------------------------
+
+
+class Redis:
+    """A redis-server of our own on a free loopback port."""
+
+    def __init__(self, directory: Path) -> None:
+        executable = shutil.which('redis-server')
+        if executable is None:
+            raise RuntimeError('redis-server is not installed')
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [executable, '--port', str(self.port), '--bind', '127.0.0.1',
+             '--save', '', '--appendonly', 'no', '--dir', str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f'redis://127.0.0.1:{self.port}/0'
+
+    def version(self) -> str:
+        output = subprocess.run(
+            [self.executable(), '--version'], capture_output=True,
+            text=True, check=False,
+        ).stdout
+        match = re.search(r'v=(\S+)', output)
+        return match.group(1) if match else output.strip()
+
+    @staticmethod
+    def executable() -> str:
+        return shutil.which('redis-server') or 'redis-server'
+
+    def flush(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+    def pids(self) -> list[int]:
+        return [self.process.pid]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Postgres:
+    """A PostgreSQL server of our own on a free loopback port."""
+
+    def __init__(self) -> None:
+        found = sorted(Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
+        if not found:
+            raise RuntimeError('the PostgreSQL server is not installed')
+        self.bindir = found[-1].parent
+        # Not under a private temporary folder: the server's own user
+        # must be able to reach it.
+        self.root = Path(tempfile.mkdtemp(prefix='onegov-chat-bench-pg-'))
+        self.root.chmod(0o755)
+        self.datadir = self.root / 'data'
+        self.datadir.mkdir()
+        self.user = 'postgres' if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.datadir, self.user)
+        self.port = free_port()
+        try:
+            self.run(
+                'initdb', '-D', str(self.datadir), '-U', 'postgres',
+                '--auth=trust', '--no-sync',
+            )
+            # Commits wait for the OS, not the disk: what SQLite's WAL
+            # mode with synchronous=NORMAL does, so the two compare.
+            self.run(
+                'pg_ctl', '-D', str(self.datadir), '-w', '-t', '30',
+                '-l', str(self.datadir / 'server.log'),
+                '-o', f'-p {self.port} -k {self.datadir} '
+                f'-c listen_addresses=127.0.0.1 -c synchronous_commit=off '
+                f'-c max_connections=200',
+                'start',
+            )
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def run(self, *args: str) -> None:
+        command = [str(self.bindir / args[0]), *args[1:]]
+        if self.user:
+            # PostgreSQL refuses to run as root.
+            runuser = shutil.which('runuser') or '/usr/sbin/runuser'
+            command = [runuser, '-u', self.user, '--', *command]
+        subprocess.run(
+            command, check=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def version(self) -> str:
+        output = subprocess.run(
+            [str(self.bindir / 'postgres'), '--version'],
+            capture_output=True, text=True, check=False,
+        ).stdout
+        match = re.search(r'\(PostgreSQL\) (\S+)', output)
+        return match.group(1) if match else 'unknown'
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(
+            f'postgresql://postgres@127.0.0.1:{self.port}/postgres',
+            autocommit=True,
+        ) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}'
+
+    def pids(self) -> list[int]:
+        """The postmaster and its backends."""
+        try:
+            text = (self.datadir / 'postmaster.pid').read_text()
+        except OSError:
+            return []
+        postmaster = int(text.split()[0])
+        return [postmaster, *children_of(postmaster)]
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.run(
+                'pg_ctl', '-D', str(self.datadir), '-w', '-m',
+                'immediate', 'stop',
+            )
+        shutil.rmtree(self.root, ignore_errors=True)
