@@ -15,35 +15,23 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onegov.chat.testing import (
+    PostgresServer,
+    RedisServer,
+    free_port,
+    postgres_bindir,
+)
+
 BENCH = Path(__file__).resolve().parent
 
 _TICKS = os.sysconf('SC_CLK_TCK')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(('127.0.0.1', port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f'nothing listens on port {port}')
 
 
 # /proc ---------------------------------------------------------------------
@@ -210,36 +198,23 @@ def start_bare(log_path: Path) -> ServerProcess:
 # Backends ------------------------------------------------------------------
 
 
-class Redis:
-    """A redis-server of our own on a free loopback port."""
+class Redis(RedisServer):
+    """A redis-server of our own on a free loopback port, started."""
 
     def __init__(self, directory: Path) -> None:
         executable = shutil.which('redis-server')
         if executable is None:
             raise RuntimeError('redis-server is not installed')
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [executable, '--port', str(self.port), '--bind', '127.0.0.1',
-             '--save', '', '--appendonly', 'no', '--dir', str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    @property
-    def url(self) -> str:
-        return f'redis://127.0.0.1:{self.port}/0'
+        super().__init__(executable, free_port(), directory)
+        self.start()
 
     def version(self) -> str:
         output = subprocess.run(
-            [self.executable(), '--version'], capture_output=True,
+            [self.executable, '--version'], capture_output=True,
             text=True, check=False,
         ).stdout
         match = re.search(r'v=(\S+)', output)
         return match.group(1) if match else output.strip()
-
-    @staticmethod
-    def executable() -> str:
-        return shutil.which('redis-server') or 'redis-server'
 
     def flush(self) -> None:
         import redis
@@ -251,64 +226,25 @@ class Redis:
             client.close()
 
     def pids(self) -> list[int]:
-        return [self.process.pid]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        return [self.process.pid] if self.process is not None else []
 
 
 class Postgres:
     """A PostgreSQL server of our own on a free loopback port."""
 
     def __init__(self) -> None:
-        found = sorted(Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
-        if not found:
+        bindir = postgres_bindir()
+        if bindir is None:
             raise RuntimeError('the PostgreSQL server is not installed')
-        self.bindir = found[-1].parent
-        # Not under a private temporary folder: the server's own user
-        # must be able to reach it.
-        self.root = Path(tempfile.mkdtemp(prefix='onegov-chat-bench-pg-'))
-        self.root.chmod(0o755)
-        self.datadir = self.root / 'data'
-        self.datadir.mkdir()
-        self.user = 'postgres' if os.geteuid() == 0 else None
-        if self.user:
-            shutil.chown(self.datadir, self.user)
-        self.port = free_port()
-        try:
-            self.run(
-                'initdb', '-D', str(self.datadir), '-U', 'postgres',
-                '--auth=trust', '--no-sync',
-            )
-            # Commits wait for the OS, not the disk: what SQLite's WAL
-            # mode with synchronous=NORMAL does, so the two compare.
-            self.run(
-                'pg_ctl', '-D', str(self.datadir), '-w', '-t', '30',
-                '-l', str(self.datadir / 'server.log'),
-                '-o', f'-p {self.port} -k {self.datadir} '
-                f'-c listen_addresses=127.0.0.1 -c synchronous_commit=off '
-                f'-c max_connections=200',
-                'start',
-            )
-        except BaseException:
-            shutil.rmtree(self.root, ignore_errors=True)
-            raise
-
-    def run(self, *args: str) -> None:
-        command = [str(self.bindir / args[0]), *args[1:]]
-        if self.user:
-            # PostgreSQL refuses to run as root.
-            runuser = shutil.which('runuser') or '/usr/sbin/runuser'
-            command = [runuser, '-u', self.user, '--', *command]
-        subprocess.run(
-            command, check=True, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.stack = contextlib.ExitStack()
+        # Commits wait for the OS, not the disk: what SQLite's WAL mode
+        # with synchronous=NORMAL does, so the two compare.
+        self.server = self.stack.enter_context(PostgresServer.running(
+            bindir, options='-c synchronous_commit=off'
+        ))
+        self.bindir = bindir
+        self.datadir = self.server.datadir
+        self.port = self.server.port
 
     def version(self) -> str:
         output = subprocess.run(
@@ -319,14 +255,7 @@ class Postgres:
         return match.group(1) if match else 'unknown'
 
     def create_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(
-            f'postgresql://postgres@127.0.0.1:{self.port}/postgres',
-            autocommit=True,
-        ) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return f'postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}'
+        return self.server.create_database(name)
 
     def pids(self) -> list[int]:
         """The postmaster and its backends."""
@@ -338,9 +267,4 @@ class Postgres:
         return [postmaster, *children_of(postmaster)]
 
     def stop(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self.run(
-                'pg_ctl', '-D', str(self.datadir), '-w', '-m',
-                'immediate', 'stop',
-            )
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.stack.close()

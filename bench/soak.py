@@ -39,13 +39,11 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import random
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from onegov.chat.testing import (
+    PostgresServer,
+    RedisServer,
+    free_port,
+    postgres_bindir,
+)
 
 #: The origin the soak's browsers pretend to come from.
 ORIGIN = 'http://soak.test'
@@ -87,23 +92,6 @@ class SoakFailed(Exception):
 # Processes ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(('127.0.0.1', port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SoakFailed(f'nothing listens on port {port}')
-
-
 def rss_kb(pid: int) -> int:
     """The resident set size of process `pid`, in kB (0 if gone)."""
     try:
@@ -122,69 +110,23 @@ def redis_server(directory: Path) -> Iterator[str]:
     executable = shutil.which('redis-server')
     if executable is None:
         raise SoakFailed('redis-server is not installed (or pass --redis)')
-    port = free_port()
-    process = subprocess.Popen(
-        [executable, '--port', str(port), '--bind', '127.0.0.1',
-         '--save', '', '--appendonly', 'no', '--dir', str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = RedisServer(executable, free_port(), directory)
+    server.start()
     try:
-        wait_for_port(port)
-        yield f'redis://127.0.0.1:{port}/0'
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def postgres_bindir() -> Path:
-    found = shutil.which('pg_ctl')
-    if found:
-        return Path(found).parent
-    versions = sorted(Path('/usr/lib/postgresql').glob('*/bin/pg_ctl'))
-    if not versions:
-        raise SoakFailed('PostgreSQL is not installed (or pass --dsn)')
-    return versions[-1].parent
+        server.stop()
 
 
 @contextlib.contextmanager
-def postgres_server(root: Path) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """Run a PostgreSQL server on a free loopback port, with a fresh
     database; yield its URL."""
     bindir = postgres_bindir()
-    datadir = root / 'postgres'
-    datadir.mkdir()
-    # PostgreSQL refuses to run as root.
-    prefix = ['runuser', '-u', 'postgres', '--'] if os.geteuid() == 0 else []
-    if prefix:
-        root.chmod(0o755)
-        shutil.chown(datadir, 'postgres')
-    port = free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run(
-            [*prefix, str(bindir / args[0]), *args[1:]], check=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-
-    run('initdb', '-D', str(datadir), '-U', 'postgres', '--auth=trust',
-        '--no-sync')
-    run('pg_ctl', '-D', str(datadir), '-w', '-t', '60',
-        '-l', str(datadir / 'server.log'),
-        '-o', f'-p {port} -k {datadir} -c listen_addresses=127.0.0.1 '
-        '-c fsync=off -c max_connections=200', 'start')
-    try:
-        import psycopg
-
-        with psycopg.connect(
-            f'postgresql://postgres@127.0.0.1:{port}/postgres',
-            autocommit=True,
-        ) as connection:
-            connection.execute('CREATE DATABASE soak')
-        yield f'postgresql+psycopg://postgres@127.0.0.1:{port}/soak'
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            run('pg_ctl', '-D', str(datadir), '-w', '-m', 'immediate',
-                'stop')
+    if bindir is None:
+        raise SoakFailed('PostgreSQL is not installed (or pass --dsn)')
+    with PostgresServer.running(bindir) as server:
+        yield server.create_database('soak')
 
 
 def onegov_chat() -> list[str]:
@@ -827,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         try:
             redis = args.redis or stack.enter_context(redis_server(root))
-            dsn = args.dsn or stack.enter_context(postgres_server(root))
+            dsn = args.dsn or stack.enter_context(postgres_server())
             report = asyncio.run(
                 asyncio.wait_for(soak(args, root, redis, dsn), limit)
             )

@@ -330,10 +330,14 @@ class PostgresServer:
     datadir: Path
     port: int
     user: str | None
+    #: Settings for speed over safety: a test server needs no fsync.
+    options: str = '-c fsync=off'
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, bindir: Path) -> Iterator[PostgresServer]:
+    def running(
+        cls, bindir: Path, options: str = '-c fsync=off'
+    ) -> Iterator[PostgresServer]:
         # Not under pytest's temporary folder: the server's own user
         # must be able to reach it, and pytest keeps that folder private.
         root = Path(tempfile.mkdtemp(prefix='onegov-chat-pg-'))
@@ -343,7 +347,7 @@ class PostgresServer:
         user = 'postgres' if os.geteuid() == 0 else None
         if user:
             shutil.chown(datadir, user)
-        server = cls(bindir, datadir, free_port(), user)
+        server = cls(bindir, datadir, free_port(), user, options)
         try:
             server.run(
                 'initdb', '-D', str(datadir), '-U', 'postgres',
@@ -370,8 +374,8 @@ class PostgresServer:
             'pg_ctl', '-D', str(self.datadir), '-w', '-t', '30',
             '-l', str(self.datadir / 'server.log'),
             '-o', f'-p {self.port} -k {self.datadir} '
-            f'-c listen_addresses=127.0.0.1 -c fsync=off '
-            f'-c max_connections=200',
+            f'-c listen_addresses=127.0.0.1 -c max_connections=200 '
+            f'{self.options}',
             'start',
         )
 
