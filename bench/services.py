@@ -26,6 +26,7 @@ from onegov.chat.testing import (
     PostgresServer,
     RedisServer,
     free_port,
+    onegov_chat_script,
     postgres_bindir,
 )
 
@@ -170,20 +171,9 @@ def start_process(
     return server
 
 
-def onegov_chat() -> str:
-    """The ``onegov-chat`` script of this virtualenv."""
-    script = Path(sys.executable).parent / 'onegov-chat'
-    if script.exists():
-        return str(script)
-    found = shutil.which('onegov-chat')
-    if found is None:
-        raise RuntimeError('onegov-chat is not installed in this virtualenv')
-    return found
-
-
 def start_chat(config_path: Path, log_path: Path) -> ServerProcess:
     return start_process('chat', [
-        onegov_chat(), '--config', str(config_path), 'serve',
+        onegov_chat_script(), '--config', str(config_path), 'serve',
         '--host', '127.0.0.1', '--port', '0',
     ], log_path)
 
